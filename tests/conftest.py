@@ -76,6 +76,14 @@ def tiny_gemma2(smol_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def embedder():
+    """The packaged all-MiniLM-L6-v2 sentence embedder (loads offline in about a second)."""
+    from exnihilo.curate.embed import load_embedder
+
+    return load_embedder()
+
+
+@pytest.fixture(scope="session")
 def real_engine():
     """The embedded SmolLM2-135M-Instruct behind the local transformers engine (slow)."""
     from exnihilo.engines.transformers import TransformersEngine

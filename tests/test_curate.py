@@ -13,7 +13,6 @@ from exnihilo.curate.embed import (
     dedup_records,
     embed_texts,
     greedy_keep,
-    load_embedder,
     nearest_neighbors,
     normalise_text,
 )
@@ -197,11 +196,6 @@ NEAR = [
     "Summarize the causes of the French revolution please.",
     "What's the capital of Australia?",
 ]
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder()
 
 
 def test_dedup_planted_near_duplicates_with_real_minilm(embedder):

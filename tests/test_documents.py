@@ -178,7 +178,7 @@ def test_few_shot_context_drops_oldest_examples_to_fit_the_budget(smol_tokenizer
 
 
 def test_max_chunk_tokens_leaves_room_for_demo_and_answer(smol_tokenizer):
-    config = D.DocumentsConfig(context_tokens=1024, pairs_per_chunk=3,
+    config = D.DocumentsConfig(method="joint", context_tokens=1024, pairs_per_chunk=3,
                                generation=SamplingParams(max_new_tokens=300))
     fit = D.max_chunk_tokens(smol_tokenizer, config)
     assert 200 < fit < 1024 - 300
@@ -410,8 +410,8 @@ def _chunks(n: int, silent: tuple[int, ...] = ()) -> list[Chunk]:
 
 
 def _config(**overrides) -> D.DocumentsConfig:
-    return D.DocumentsConfig(context_tokens=4096, batch_chunks=2, pairs_per_chunk=2,
-                             **overrides)
+    return D.DocumentsConfig(method="joint", context_tokens=4096, batch_chunks=2,
+                             pairs_per_chunk=2, **overrides)
 
 
 def test_run_writes_records_with_source_chunks_and_records_chunks_without_pairs(
@@ -525,7 +525,8 @@ def test_documents_cli_end_to_end_with_a_tiny_model(tmp_path, tiny_llama, smol_t
     corpus = tmp_path / "corpus.jsonl"
     args = ["synth", "documents", str(docs), "-o", str(out), "--model", str(model_dir),
             "--chunk-tokens", "64", "--overlap", "8", "--max-new-tokens", "12",
-            "--context-tokens", "512", "--no-demo", "--corpus-out", str(corpus),
+            "--context-tokens", "512", "--method", "joint", "--no-demo",
+            "--corpus-out", str(corpus),
             "--mix", str(general), "--mix-ratio", "1:2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -541,19 +542,21 @@ def test_documents_cli_end_to_end_with_a_tiny_model(tmp_path, tiny_llama, smol_t
     # a chunk size that cannot fit is re-chunked, never truncated
     result = CliRunner().invoke(app, args[:7] + ["--chunk-tokens", "4000", "--overlap", "8",
                                                  "--max-new-tokens", "12", "--context-tokens",
-                                                 "512", "--no-demo", "--limit-chunks", "1",
+                                                 "512", "--method", "joint", "--no-demo",
+                                                 "--limit-chunks", "1",
                                                  "-o", str(tmp_path / "p2.jsonl")])
     assert result.exit_code == 0, result.output
     assert "re-chunking at" in result.output
 
 
 @pytest.mark.slow
-def test_real_model_writes_pairs_from_pydoc_json(tmp_path, real_engine):
+def test_real_model_joint_method_writes_pairs_from_pydoc_json(tmp_path, real_engine):
     tok = real_engine.tokenizer
     chunks, _ = chunk_documents(pydoc_documents(["json"]).documents, tok, 128, 16)
     chunks = chunks[:2]
     out = tmp_path / "pyqa.jsonl"
-    config = D.DocumentsConfig(context_tokens=2048, pairs_per_chunk=2, batch_chunks=2,
+    config = D.DocumentsConfig(method="joint", context_tokens=2048, pairs_per_chunk=2,
+                               batch_chunks=2,
                                generation=SamplingParams(temperature=0.0, max_new_tokens=128))
     summary = D.synthesize_documents(real_engine, tok, chunks, config, out)
     assert summary["chunks_this_run"] == 2

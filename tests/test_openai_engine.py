@@ -549,12 +549,16 @@ def test_several_servers_round_robin_and_a_dead_one_is_routed_around(llama_serve
 
         # One server down: every request still succeeds, on the live one; the dead one is
         # cooled down after its first failure instead of being tried for every request.
-        engine = engine_for([dead, first.url], concurrency=2, **FAST_BACKOFF)
+        # The cool-down (15-30 s) outlasts the run, so exactly one request meets the dead
+        # server (with a short cool-down, how often it recovers mid-run depends on the
+        # machine's load: that made this test flaky).
+        engine = engine_for([dead, first.url], concurrency=2, backoff_base=30,
+                            backoff_max=60)
         first.log.clear()
         outs = engine.complete(prompts, params)
         assert all(c.completion_tokens >= 1 for c in outs)
         assert len(first.posts()) == 6
-        assert engine.stats["retries"] <= 3
+        assert engine.stats["retries"] == 1
     finally:
         first.close()
         second.close()

@@ -26,15 +26,32 @@ def documents_command(
     out: Path = typer.Option(..., "-o", "--out", help="Output JSONL of SFT records "
                                                       "(appended; rerun to resume)."),
     pairs_per_chunk: int = typer.Option(3, "--pairs-per-chunk", min=1, max=20),
+    method: str = typer.Option("stepwise", "--method",
+                               help="stepwise: one question per passage, each answer traced to "
+                                    "sentences of the chunk (works with small models); joint: "
+                                    "all pairs in one generation with few-shot chains, the "
+                                    "paper's way (needs a capable synthesizer)."),
+    answers: str = typer.Option("quote", "--answers",
+                                help="stepwise: quote = the chunk sentences that answer the "
+                                     "question; generate = the model answers from them, kept "
+                                     "only when --min-support of its words are in them."),
+    min_evidence: float = typer.Option(0.45, "--min-evidence",
+                                       help="stepwise: a question whose most similar chunk "
+                                            "sentence is below this cosine is rejected as "
+                                            "unanswerable."),
+    min_support: float = typer.Option(0.8, "--min-support", min=0.0, max=1.0,
+                                      help="stepwise generate: least share of the answer's "
+                                           "content words found in the evidence."),
     chunk_tokens: int = typer.Option(384, "--chunk-tokens", min=16,
                                      help="Chunk length in the model's tokens (lowered "
                                           "automatically when the prompt would not fit)."),
     overlap: int = typer.Option(32, "--overlap", min=0, help="Tokens shared by neighbours."),
-    rounds: int = typer.Option(1, "--rounds", min=1,
-                               help="Synthesis rounds: round r's outputs are round r+1's "
-                                    "few-shot examples."),
-    shots: int = typer.Option(2, "--shots", min=0,
-                              help="Most earlier (text, pairs) examples in one prompt."),
+    rounds: int = typer.Option(None, "--rounds", min=1,
+                               help="joint: synthesis rounds; round r's outputs are round "
+                                    "r+1's few-shot examples [default: 1]."),
+    shots: int = typer.Option(None, "--shots", min=0,
+                              help="joint: most earlier (text, pairs) examples in one prompt "
+                                   "[default: 2]."),
     no_demo: bool = typer.Option(False, "--no-demo",
                                  help="No built-in demonstration when a chunk has no earlier "
                                       "example."),
@@ -65,14 +82,21 @@ def documents_command(
                                      help="Use only the first N chunks."),
     batch_size: int = typer.Option(8, "--batch-size", help="Chunks generated together."),
     dtype: str = dtype_option(),
-    max_new_tokens: int = typer.Option(384, "--max-new-tokens",
-                                       help="Token limit of one chunk's pairs."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens",
+                                       help="Token limit of one generation: a chunk's pairs "
+                                            "(joint, default 384) or one answer (stepwise "
+                                            "generate, default 128)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the paper's)."),
     show: int = typer.Option(3, "--show", help="Print this many pairs at the end."),
 ) -> None:
     """Instruction synthesizer (Instruction Pre-Training, arXiv 2406.14491): read documents,
     write instruction–response pairs answerable from each chunk; optionally check them with
-    a judge and write an instruction-augmented corpus. Rerun the same command to resume."""
+    a judge and write an instruction-augmented corpus. Rerun the same command to resume.
+
+    The default stepwise method has the model write one question per passage and answers it
+    with the chunk's own sentences (found by MiniLM similarity), so every answer is grounded
+    even with the embedded 135M model; --method joint is the paper's one-shot synthesis for
+    a capable synthesizer (e.g. --engine openai)."""
     from exnihilo.engines.base import SamplingParams
     from exnihilo.models import load_tokenizer
     from exnihilo.records import check_writable, read_any
@@ -88,6 +112,16 @@ def documents_command(
 
     if not paths and not pydoc:
         raise ExnihiloError("give documents (files or folders) and/or --pydoc MODULES")
+    if method not in ("stepwise", "joint"):
+        raise ExnihiloError(f"--method must be stepwise or joint, got {method!r}")
+    if answers not in ("quote", "generate"):
+        raise ExnihiloError(f"--answers must be quote or generate, got {answers!r}")
+    if method == "joint" and answers != "quote":
+        raise ExnihiloError("--answers belongs to --method stepwise (joint answers are "
+                            "whatever the synthesizer writes)")
+    if method == "stepwise" and (rounds is not None or shots is not None or no_demo):
+        raise ExnihiloError("--rounds, --shots and --no-demo belong to --method joint "
+                            "(stepwise prompts carry no few-shot examples)")
     ratio = parse_ratio(mix_ratio)
     if mix is not None and corpus_out is None:
         raise ExnihiloError("--mix needs --corpus-out (it mixes the corpus, not the pairs)")
@@ -118,11 +152,14 @@ def documents_command(
         gen = build_engine(engine, model, dtype=dtype, batch_size=batch_size, label="synthesizing")
         tokenizer = load_tokenizer(tokenizer_from) if tokenizer_from else gen.tokenizer
     config = DocumentsConfig(
-        pairs_per_chunk=pairs_per_chunk, rounds=rounds, shots=shots, demo=not no_demo,
-        seed=seed, batch_chunks=batch_size,
+        method=method, answers=answers, min_evidence=min_evidence, min_support=min_support,
+        answer_tokens=max_new_tokens or 128,
+        pairs_per_chunk=pairs_per_chunk, rounds=rounds or 1,
+        shots=2 if shots is None else shots, demo=not no_demo, seed=seed,
+        batch_chunks=batch_size,
         context_tokens=context_tokens or model_context_length(gen, tokenizer),
-        generation=SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                                  seed=seed))
+        generation=SamplingParams(temperature=temperature, seed=seed,
+                                  max_new_tokens=max_new_tokens or 384))
     if overlap >= chunk_tokens:
         raise ExnihiloError(f"--overlap {overlap} must be smaller than --chunk-tokens "
                             f"{chunk_tokens}")
@@ -173,8 +210,9 @@ def print_summary(summary: dict, show: int) -> None:
     table = Table(title=f"documents → {summary['out']}", show_header=False)
     for key in ("documents", "skipped_binary", "skipped_empty", "chunk_tokens", "overlap",
                 "chunks", "duplicate_chunks", "chunks_done_before", "chunks_this_run",
-                "chunks_without_pairs", "pairs_total", "records_written_this_run",
-                "duplicate_records", "truncated_outputs_this_run", "task_formats", "grounded",
+                "method", "chunks_without_pairs", "pairs_total", "questions_rejected",
+                "records_written_this_run", "duplicate_records", "truncated_outputs_this_run",
+                "task_formats", "grounded",
                 "rounds", "elapsed_s", "pairs_per_minute", "generated_tokens_per_s"):
         if summary.get(key) is not None:
             table.add_row(key, str(summary[key]))
@@ -185,8 +223,10 @@ def print_summary(summary: dict, show: int) -> None:
         chunk = record["meta"]["source_chunk"]
         tags = record["meta"].get("tags", {})
         grounded = f" · grounded={tags['grounded']}" if "grounded" in tags else ""
+        score = record["meta"].get("evidence_score")
+        evidence = f" · evidence {score:.2f}" if score is not None else ""
         console.print(Text(f"{chunk['source']} · chunk {chunk['id']} · "
-                           f"{record['meta']['task_format']}{grounded}", style="dim"))
+                           f"{record['meta']['task_format']}{evidence}{grounded}", style="dim"))
         for m in record["messages"]:  # generated text is data: no rich markup parsing
             console.print(Text.assemble((m["role"], "bold"), ": ", m["content"][:400]))
         console.print()

@@ -2,7 +2,10 @@
 
 Instruction Pre-Training (arXiv 2406.14491) has a synthesizer model read a raw text and
 write instruction–response pairs about it; the text followed by its pairs is pretraining
-data, the pairs alone are SFT data. Here any chat engine is the synthesizer:
+data, the pairs alone are SFT data. Here any chat engine is the synthesizer, by one of two
+methods. `stepwise` (the default, `synth/stepwise.py`) asks one question per passage and
+answers it with the chunk's own sentences, which works even with the embedded 135M model.
+`joint` is the paper's way, described below; it needs a capable synthesizer:
 
 1. Documents are cut into token chunks (`ingest`); every chunk is asked for N pairs in
    varied task formats (free-form, multiple choice, short reasoning), with the chunk fenced
@@ -14,8 +17,9 @@ data, the pairs alone are SFT data. Here any chat engine is the synthesizer:
    (the paper's `get_dataset`): one round's outputs are the next round's examples.
    Untuned chat models need to see the output shape once, so a chunk with no earlier
    example gets a built-in demonstration instead (`demo`), which never reaches the output.
-3. Optional grounding check: a judge says whether each answer is supported by its chunk →
-   `meta.tags.grounded` true / false / null (null: the judge's reply was unreadable).
+3. Optional grounding check (either method): a judge says whether each answer is
+   supported by its chunk → `meta.tags.grounded` true / false / null (null: the judge's
+   reply was unreadable).
 4. Outputs: SFT records (`meta.source_chunk`), and an instruction-augmented corpus
    (`build_corpus`), optionally mixed with general instruction data at an exact ratio.
 
@@ -33,7 +37,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -44,10 +48,24 @@ from exnihilo.progress import note, token_progress
 from exnihilo.records import JsonlAppender, Record, iter_jsonl, make_record, write_jsonl_atomic
 from exnihilo.synth.ingest import Chunk
 from exnihilo.synth.pairs import CANONICAL, PAIR_TEMPLATES, Pair, parse_pairs, render_pairs
+from exnihilo.synth.stepwise import StepwiseSettings, question_request, stepwise_rows
 from exnihilo.templates import render
 
 
 class DocumentsConfig(BaseModel):
+    method: Literal["stepwise", "joint"] = Field(
+        "stepwise", description="stepwise: a question per passage, answers traced to chunk "
+                                "sentences (any model); joint: all pairs in one generation "
+                                "with few-shot chains (the paper's; needs a capable model)")
+    answers: Literal["quote", "generate"] = Field(
+        "quote", description="stepwise answers: the evidence sentences, or the model's answer "
+                             "from them kept when lexically supported")
+    min_evidence: float = Field(0.45, ge=-1.0, le=1.0, description="stepwise: least cosine "
+                                "similarity of a question to its best chunk sentence")
+    min_support: float = Field(0.8, ge=0.0, le=1.0, description="stepwise generate: least "
+                               "share of answer content words found in the evidence")
+    question_tokens: int = Field(64, ge=8, description="stepwise: token limit of a question")
+    answer_tokens: int = Field(128, ge=8, description="stepwise generate: limit of an answer")
     pairs_per_chunk: int = Field(3, ge=1, le=20)
     rounds: int = Field(1, ge=1, description="chunk groups; round r's outputs are round "
                                              "r+1's few-shot examples")
@@ -59,6 +77,20 @@ class DocumentsConfig(BaseModel):
     store_chunk_text: bool = True
     generation: SamplingParams = SamplingParams(temperature=0.0, max_new_tokens=384)
     judging: SamplingParams = SamplingParams(temperature=0.0, max_new_tokens=32)
+
+    def stepwise_settings(self) -> StepwiseSettings:
+        """Questions and answers share the generation's sampling, each with its own limit."""
+        return StepwiseSettings(
+            pairs_per_chunk=self.pairs_per_chunk, answers=self.answers,
+            min_evidence=self.min_evidence, min_support=self.min_support,
+            questions=self.generation.model_copy(update={"max_new_tokens": self.question_tokens}),
+            answering=self.generation.model_copy(update={"max_new_tokens": self.answer_tokens}))
+
+    def output_tokens(self) -> int:
+        """The longest single generation: what the context must leave room for."""
+        if self.method == "joint":
+            return self.generation.max_new_tokens
+        return max(self.question_tokens, self.answer_tokens)
 
 
 def chunk_seed(base_seed: int, chunk_id: str) -> int:
@@ -154,13 +186,17 @@ def assemble_conversation(tokenizer: Any, examples: list[Example], text: str,
 
 def max_chunk_tokens(tokenizer: Any, config: DocumentsConfig) -> int:
     """The largest chunk whose prompt (with the demonstration, if on) plus the answer fits
-    the context; chunks are cut at most this long so no source text is ever truncated."""
-    overhead_conv = ([t for t in example_turns(DEMO)] if config.demo else []) + [
-        {"role": "user", "content": synthesis_request("", task_formats(
-            config.pairs_per_chunk, 0))}]
+    the context; chunks are cut at most this long so no source text is ever truncated.
+    (Stepwise prompts hold a passage or two evidence sentences of the chunk, never more.)"""
+    if config.method == "joint":
+        overhead_conv = ([t for t in example_turns(DEMO)] if config.demo else []) + [
+            {"role": "user", "content": synthesis_request("", task_formats(
+                config.pairs_per_chunk, 0))}]
+    else:
+        overhead_conv = [{"role": "user", "content": question_request("")}]
     overhead = prompt_tokens(tokenizer, overhead_conv)
     margin = 16  # the fence may lengthen for texts containing "~~~"; tokens merge at edges
-    return config.context_tokens - config.generation.max_new_tokens - overhead - margin
+    return config.context_tokens - config.output_tokens() - overhead - margin
 
 
 def model_context_length(engine: Any, tokenizer: Any) -> int:
@@ -303,15 +339,20 @@ class RunStats:
 def synthesize_documents(engine: Engine, tokenizer: Any, chunks: list[Chunk],
                          config: DocumentsConfig, out: str | Path,
                          judge: Engine | None = None, judge_tokenizer: Any = None,
-                         judge_context_tokens: int | None = None) -> dict[str, Any]:
+                         judge_context_tokens: int | None = None,
+                         embedder: Any = None) -> dict[str, Any]:
     """Write SFT records for every chunk into `out` (resuming whatever is there).
 
     `chunks` must already fit the context (`max_chunk_tokens`); a chunk that does not is an
-    error, never silently cut.
+    error, never silently cut. `embedder` (stepwise only) defaults to the packaged MiniLM.
     """
     out = Path(out)
     if not chunks:
         raise ExnihiloError("no text to synthesize from: the corpus is empty")
+    if config.method == "stepwise" and embedder is None:
+        from exnihilo.curate.embed import load_embedder
+
+        embedder = load_embedder()
     budget = config.context_tokens - config.generation.max_new_tokens
     done = load_done(out)
     dropped = drop_unfinished_records(out, done)
@@ -328,8 +369,10 @@ def synthesize_documents(engine: Engine, tokenizer: Any, chunks: list[Chunk],
     start = time.perf_counter()
     groups = round_groups(chunks, config.rounds)
     todo_total = sum(1 for c in chunks if c.id not in done)
-    meta_base = {"source": "documents", "generator": engine.name,
+    meta_base = {"source": "documents", "generator": engine.name, "method": config.method,
                  "sampling": config.generation.public()}
+    if config.method == "stepwise":
+        meta_base["answers"] = config.answers
     if judge is not None:
         meta_base["judge"] = judge.name
     try:
@@ -340,8 +383,11 @@ def synthesize_documents(engine: Engine, tokenizer: Any, chunks: list[Chunk],
                 for b in range(0, len(todo), config.batch_chunks):
                     batch = todo[b:b + config.batch_chunks]
                     prev_ids = [previous[j].id if j < len(previous) else None for j, _ in batch]
-                    rows = synthesize_batch(engine, tokenizer, [c for _, c in batch], prev_ids,
-                                            done, texts, config, budget, r)
+                    if config.method == "joint":
+                        rows = synthesize_batch(engine, tokenizer, [c for _, c in batch],
+                                                prev_ids, done, texts, config, budget, r)
+                    else:
+                        rows = stepwise_batch(engine, embedder, [c for _, c in batch], config, r)
                     if judge is not None:
                         judge_rows(judge, judge_tokenizer, judge_context_tokens,
                                    [c for _, c in batch], rows, config.judging)
@@ -400,6 +446,17 @@ def synthesize_batch(engine: Engine, tokenizer: Any, chunks: list[Chunk],
             for chunk, meta, out in zip(chunks, metas, outputs, strict=True)]
 
 
+def stepwise_batch(engine: Engine, embedder: Any, chunks: list[Chunk], config: DocumentsConfig,
+                   round_index: int) -> list[dict[str, Any]]:
+    """Sidecar rows of a batch of chunks by the stepwise method (`synth/stepwise.py`)."""
+    seeds = [chunk_seed(config.seed, c.id) for c in chunks]
+    parts = stepwise_rows(engine, embedder, chunks, seeds, config.stepwise_settings())
+    return [{"chunk_id": c.id, "source": c.source, "index": c.index, "round": round_index,
+             "status": "ok" if part["pairs"] else "no_pairs", "seed": seed, "examples": [],
+             "prev": None, "demo": False, **part}
+            for c, seed, part in zip(chunks, seeds, parts, strict=True)]
+
+
 def chunk_row(chunk: Chunk, meta: dict[str, Any], output: Completion, round_index: int,
               max_pairs: int) -> dict[str, Any]:
     """The sidecar row of one chunk: its parsed pairs (at most the number asked for: small
@@ -441,6 +498,9 @@ def records_for(chunk: Chunk, row: dict[str, Any], meta_base: dict[str, Any],
     for i, p in enumerate(row["pairs"]):
         meta = dict(meta_base, seed=row["seed"], round=row["round"], pair_index=i,
                     task_format=p["task_format"], source_chunk=source_chunk)
+        for key in ("evidence", "evidence_score", "support"):  # stepwise provenance
+            if key in p:
+                meta[key] = p[key]
         if "grounded" in p:
             meta["tags"] = {"grounded": p["grounded"]}
         records.append(make_record([{"role": "user", "content": p["instruction"]},
@@ -458,9 +518,12 @@ def run_summary(out: Path, chunks: list[Chunk], done: dict[str, dict[str, Any]],
             if "grounded" in p:
                 grounded[{True: "true", False: "false", None: "null"}[p["grounded"]]] += 1
     formats: dict[str, int] = {}
+    rejected: dict[str, int] = {}
     for row in rows:
         for p in row["pairs"]:
             formats[p["task_format"]] = formats.get(p["task_format"], 0) + 1
+        for x in row.get("rejected", []):
+            rejected[x["reason"]] = rejected.get(x["reason"], 0) + 1
     return {
         "out": str(out),
         "chunks": len(chunks),
@@ -472,6 +535,8 @@ def run_summary(out: Path, chunks: list[Chunk], done: dict[str, dict[str, Any]],
         "duplicate_records": stats.duplicates,
         "truncated_outputs_this_run": stats.truncated_outputs,
         "task_formats": formats,
+        "method": config.method,
+        "questions_rejected": rejected if config.method == "stepwise" else None,
         "grounded": grounded if judge is not None else None,
         "rounds": config.rounds,
         "elapsed_s": round(elapsed, 1),
