@@ -48,13 +48,13 @@ def documents_command(
     overlap: int = typer.Option(32, "--overlap", min=0, help="Tokens shared by neighbours."),
     rounds: int = typer.Option(None, "--rounds", min=1,
                                help="joint: synthesis rounds; round r's outputs are round "
-                                    "r+1's few-shot examples [default: 1]."),
+                                    "r+1's few-shot examples (default 1)."),
     shots: int = typer.Option(None, "--shots", min=0,
                               help="joint: most earlier (text, pairs) examples in one prompt "
-                                   "[default: 2]."),
+                                   "(default 2)."),
     no_demo: bool = typer.Option(False, "--no-demo",
-                                 help="No built-in demonstration when a chunk has no earlier "
-                                      "example."),
+                                 help="joint: no built-in demonstration when a chunk has "
+                                      "no earlier example."),
     judge: str = typer.Option(None, "--judge", help="Model that checks each answer against "
                                                     "its chunk (meta.tags.grounded)."),
     no_grounding: bool = typer.Option(False, "--no-grounding",
