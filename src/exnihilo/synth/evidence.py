@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -146,10 +145,3 @@ def select_evidence(sims: np.ndarray, sentences: Sequence[str], margin: float = 
             picked = sorted([top, near])
     return Evidence(tuple(sentences[i] for i in picked), sentences[top], round(best, 4))
 
-
-def embed(embedder: Any, texts: Sequence[str]) -> np.ndarray:
-    """Unit-length sentence vectors from the packaged MiniLM (or any object with the
-    SentenceTransformer `encode` signature)."""
-    from exnihilo.curate.embed import embed_texts
-
-    return embed_texts(texts, embedder)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from exnihilo.engines.base import Engine, SamplingParams
@@ -35,7 +35,6 @@ from exnihilo.judge import fence
 from exnihilo.synth.evidence import (
     Evidence,
     clean_markup,
-    embed,
     lexical_support,
     passages,
     prose_sentences,
@@ -157,7 +156,7 @@ class Candidate:
     reason: str | None = None
     cut: bool = False  # a generation stopped at its token limit
     tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    quote: str = ""  # the evidence sentences as one answer text
 
 
 @dataclass
@@ -208,7 +207,9 @@ def find_evidence(embedder: Any, chunks: list[Chunk], candidates: list[Candidate
     flat = [s for i in range(len(chunks)) for s in sentences[i]]
     if not live:
         return sentences
-    vectors = embed(embedder, [c.question or "" for c in live] + flat)
+    from exnihilo.curate.embed import embed_texts
+
+    vectors = embed_texts([c.question or "" for c in live] + flat, embedder)
     questions, rest = vectors[:len(live)], vectors[len(live):]
     offsets, at = {}, 0
     for i in range(len(chunks)):
@@ -229,12 +230,12 @@ def write_answers(engine: Engine, candidates: list[Candidate], seeds: list[int],
     live = [c for c in candidates if c.reason is None]
     for c in live:
         assert c.evidence is not None
-        c.extra["quote"] = " ".join(clean_markup(s) for s in c.evidence.sentences)
+        c.quote = " ".join(clean_markup(s) for s in c.evidence.sentences)
     if settings.answers == "quote":
         for c in live:
-            c.answer = c.extra["quote"]
+            c.answer = c.quote
         return
-    conversations = [[{"role": "user", "content": answer_request(c.extra["quote"],
+    conversations = [[{"role": "user", "content": answer_request(c.quote,
                                                                  c.question or "")}]
                      for c in live]
     outputs = engine.chat(conversations, settings.answering,
@@ -243,7 +244,7 @@ def write_answers(engine: Engine, candidates: list[Candidate], seeds: list[int],
         c.tokens += out.completion_tokens
         c.cut = out.finish_reason == "length"
         answer = trim_answer(out.text)
-        c.support = round(lexical_support(answer, [c.extra["quote"], c.question or ""]), 4)
+        c.support = round(lexical_support(answer, [c.quote, c.question or ""]), 4)
         if not answer:
             c.reason = "answer_empty"
         elif c.support < settings.min_support:
