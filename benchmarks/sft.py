@@ -95,13 +95,13 @@ class OursStepper:
 
     def step(self) -> None:
         started = time.perf_counter()
-        loss, _, weight, positions = optimizer_step(
+        step = optimizer_step(
             self.model, SFTObjective(), [self.collate(next(self.batches))], self.params,
             self.optimizer, self.scheduler, self.loop_cfg)
         self.seconds.append(time.perf_counter() - started)
-        self.tokens.append(weight)
-        self.positions.append(positions)
-        self.losses.append(loss)
+        self.tokens.append(step.weight)
+        self.positions.append(step.positions)
+        self.losses.append(step.loss)
 
     def figures(self) -> dict:
         secs = sum(self.seconds[1:])

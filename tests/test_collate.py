@@ -297,13 +297,13 @@ def test_max_length_truncate_and_drop_are_counted(smol_tokenizer):
 
 
 def test_chunked_loss_equals_whole_loss_and_gradients(tiny_llama, smol_tokenizer, monkeypatch):
-    from exnihilo.train import sft
+    from exnihilo.train import forward
 
     batch = collate_padded(_examples(smol_tokenizer), PAD, EOS, mask_prompt=False)
     objective = SFTObjective()
     grads = []
     for chunk in (10_000, 7):  # one piece vs checkpointed chunks of 7 positions
-        monkeypatch.setattr(sft, "LOGIT_CHUNK", chunk)
+        monkeypatch.setattr(forward, "LOGIT_CHUNK", chunk)
         tiny_llama.zero_grad()
         loss = objective.loss_sum(tiny_llama, batch)
         loss.backward()

@@ -26,18 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from exnihilo.train.data import Example
-
-IGNORE_INDEX = -100
+from exnihilo.train.data import Example, append_eos
+from exnihilo.train.forward import IGNORE_INDEX
 
 
 def with_eos(example: Example, eos_id: int) -> tuple[list[int], list[bool]]:
     """The example's tokens plus EOS (a trained token), unless it already ends in EOS or was
     truncated (a cut-off answer did not end, so it must not learn to stop there)."""
-    ids, trained = list(example.input_ids), list(example.trained)
-    if example.complete and (not ids or ids[-1] != eos_id):
-        ids.append(eos_id)
-        trained.append(True)
+    ids = append_eos(example.input_ids, eos_id, example.complete)
+    trained = list(example.trained) + [True] * (len(ids) - len(example.input_ids))
     return ids, trained
 
 
@@ -71,29 +68,56 @@ def collate_padded(examples: Sequence[Example], pad_id: int, eos_id: int,
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, eos_id: int,
                    mask_prompt: bool) -> dict[str, torch.Tensor]:
-    """Several examples per row; position ids restart per example (and for the pad tail)."""
+    """Several examples per row; position ids restart per example (and for the pad tail).
+
+    `example_index` numbers the batch's examples in row-major order (-1 on padding), so
+    `forward.sequence_logprobs` gives each packed example its own sum."""
     packed = []
+    n_seen = 0
     for row in rows:
         inputs: list[int] = []
         targets: list[int] = []
         positions: list[int] = []
+        owners: list[int] = []
         for example in row:
             ex_inputs, ex_targets = shift_example(example, eos_id, mask_prompt)
             inputs += ex_inputs
             targets += ex_targets
             positions += list(range(len(ex_inputs)))
-        packed.append((inputs, targets, positions))
-    width = max(len(inputs) for inputs, _, _ in packed)
+            owners += [n_seen] * len(ex_inputs)
+            n_seen += 1
+        packed.append((inputs, targets, positions, owners))
+    width = max(len(inputs) for inputs, *_ in packed)
     input_ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
     labels = torch.full((len(packed), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(packed), width), dtype=torch.long)
-    for r, (inputs, targets, positions) in enumerate(packed):
+    example_index = torch.full((len(packed), width), -1, dtype=torch.long)
+    for r, (inputs, targets, positions, owners) in enumerate(packed):
         n = len(inputs)
         input_ids[r, :n] = torch.tensor(inputs, dtype=torch.long)
         labels[r, :n] = torch.tensor(targets, dtype=torch.long)
         position_ids[r, :n] = torch.tensor(positions, dtype=torch.long)
         position_ids[r, n:] = torch.arange(width - n)  # the pad tail is its own "example"
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        example_index[r, :n] = torch.tensor(owners, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "example_index": example_index}
+
+
+def collate_continuations(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+                          ) -> dict[str, torch.Tensor]:
+    """(prompt ids, continuation ids) rows → a right-padded batch whose trained targets are
+    exactly the continuation tokens: what perplexity and preference methods score. The
+    caller applies `append_eos` to a continuation that should end."""
+    width = max(len(p) + len(c) - 1 for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt, cont) in enumerate(rows):
+        if not prompt or not cont:
+            raise ValueError("each row needs at least one prompt and one continuation token")
+        ids = list(prompt) + list(cont)
+        input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        labels[r, len(prompt) - 1:len(ids) - 1] = torch.tensor(list(cont), dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

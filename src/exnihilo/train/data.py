@@ -85,10 +85,19 @@ def tokenize_record(record: Record, style: str, tokenizer: Any) -> Example:
     return Example(input_ids=ids, trained=trained, record_id=record.get("id", ""))
 
 
+def append_eos(ids: list[int], eos_id: int | None, complete: bool = True) -> list[int]:
+    """The one EOS rule, used by training, perplexity and preference scoring: a finished
+    sequence ends in EOS (appended unless already there), so the model learns where an
+    answer stops; a truncated one (`complete=False`) did not end, so it must not learn to
+    stop there."""
+    if complete and isinstance(eos_id, int) and (not ids or ids[-1] != eos_id):
+        return [*ids, eos_id]
+    return list(ids)
+
+
 def final_length(example: Example, eos_id: int) -> int:
-    """Length after the collate appends EOS (it does not when the example ends in EOS)."""
-    ends_in_eos = bool(example.input_ids) and example.input_ids[-1] == eos_id
-    return len(example.input_ids) + (0 if ends_in_eos or not example.complete else 1)
+    """Length after the collate appends EOS (see `append_eos`)."""
+    return len(append_eos(example.input_ids, eos_id, example.complete))
 
 
 def fit_length(example: Example, max_length: int, eos_id: int, policy: str

@@ -53,11 +53,42 @@ Batch = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     """How a batch becomes a loss. `loss_sum` is summed over the batch's units (tokens for
-    SFT); the loop divides by the accumulation window's total `weight`."""
+    SFT, pairs for DPO); the loop divides by the accumulation window's total `weight`.
+
+    `loss_sum` may instead return `(loss, metrics)`: named scalars summed over the same
+    units (e.g. DPO's correctly ranked pairs, summed margins). The loop divides them by the
+    window's weight too, so they read as means, and writes them to `metrics.jsonl` (with a
+    `val_` prefix at validation) and the progress bar.
+
+    An objective with state that must survive a resume (a replay buffer, a running
+    estimate) also defines `state_dict()` / `load_state_dict(state)`; the state goes into
+    every checkpoint (tensors, numbers, strings, lists and dicts of them)."""
 
     def weight(self, batch: Batch) -> float: ...
 
-    def loss_sum(self, model: Any, batch: Batch) -> torch.Tensor: ...
+    def loss_sum(self, model: Any, batch: Batch) -> LossOutput: ...
+
+
+LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | float]]
+
+
+class StepHook(Protocol):
+    """Runs after every optimizer step with the model (e.g. an EMA anchor's update).
+    `state_dict` / `load_state_dict` put its state in the checkpoint so resume is exact."""
+
+    def after_step(self, model: Any, state: LoopState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def split_loss(output: LossOutput) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss, metrics as floats) from what `loss_sum` returned."""
+    if isinstance(output, tuple):
+        loss, metrics = output
+        return loss, {k: float(v) for k, v in metrics.items()}
+    return output, {}
 
 
 @dataclass
@@ -73,6 +104,7 @@ class LoopConfig:
     eval_every: int = 50  # steps; 0 = only at the end
     save_every: int = 50  # steps; 0 = never mid-run
     seed: int = 0
+    lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at ratio × lr
 
 
 @dataclass
@@ -117,6 +149,34 @@ def make_scheduler(optimizer: torch.optim.Optimizer, n_steps: int, cfg: LoopConf
         min_lr_rate=cfg.min_lr_rate)
 
 
+# ------------------------------------------------------------------------- parameter groups
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm weights, biases and embeddings are not decayed (nanoGPT's configure_optimizers:
+    decay only matrices that multiply activations)."""
+    lowered = name.lower()
+    return param.ndim < 2 or "norm" in lowered or "bias" in lowered or "embed" in lowered
+
+
+def parameter_groups(model: torch.nn.Module, cfg: LoopConfig) -> list[dict[str, Any]]:
+    """AdamW groups: decay / no-decay, and with LoRA+ (Hayou et al., arXiv 2402.12354) the
+    LoRA B matrices in groups of their own at `lora_plus_ratio` × lr. Each group records its
+    `lr_scale`, which the schedule preserves (LambdaLR scales every group's initial lr)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_b = cfg.lora_plus_ratio is not None and "lora_B" in name
+        groups.setdefault((no_decay(name, param), is_b), []).append(param)
+    out = []
+    for (skip_decay, is_b), params in sorted(groups.items()):
+        scale = cfg.lora_plus_ratio if is_b and cfg.lora_plus_ratio else 1.0
+        out.append({"params": params, "weight_decay": 0.0 if skip_decay else cfg.weight_decay,
+                    "lr": cfg.lr * scale, "lr_scale": scale,
+                    "name": ("no_decay" if skip_decay else "decay") + ("+lora_B" if is_b else "")})
+    return out
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -152,7 +212,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: LoopState) -> Path:
+                    scheduler: Any, state: LoopState, extra: dict[str, Any] | None = None
+                    ) -> Path:
     """Write into a temp folder, rename into place, then delete older checkpoints."""
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -162,7 +223,7 @@ def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "weights.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "trainer_state.pt")
+                "rng": rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -179,13 +240,34 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> LoopState:
+                    scheduler: Any) -> tuple[LoopState, dict[str, Any]]:
+    """Restore weights, optimizer, schedule and RNG; return the state and the extra state
+    (objective's and hooks') saved beside them."""
     load_trainable_state(model, load_file(str(path / "weights.safetensors")))
     trainer = torch.load(path / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])
-    return LoopState(**json.loads((path / "state.json").read_text()))
+    return LoopState(**json.loads((path / "state.json").read_text())), trainer.get("extra", {})
+
+
+def extra_state(objective: Any, hooks: Sequence[Any]) -> dict[str, Any]:
+    """The objective's and hooks' own state, for the checkpoint."""
+    state: dict[str, Any] = {"hooks": [h.state_dict() for h in hooks]}
+    if hasattr(objective, "state_dict"):
+        state["objective"] = objective.state_dict()
+    return state
+
+
+def restore_extra_state(objective: Any, hooks: Sequence[Any], state: dict[str, Any]) -> None:
+    if hasattr(objective, "load_state_dict") and "objective" in state:
+        objective.load_state_dict(state["objective"])
+    saved = state.get("hooks", [])
+    if len(saved) != len(hooks):
+        raise ExnihiloError(f"checkpoint holds state for {len(saved)} step hooks, the run has "
+                            f"{len(hooks)}: resume with the same options")
+    for hook, hook_state in zip(hooks, saved, strict=True):
+        hook.load_state_dict(hook_state)
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -200,38 +282,54 @@ def trim_metrics(path: Path, step: int) -> None:
 def evaluate(model: torch.nn.Module, objective: Objective, batches: Sequence[Batch]
              ) -> float | None:
     """Weight-averaged loss over all batches, without gradients."""
+    return evaluate_with_metrics(model, objective, batches)[0]
+
+
+def evaluate_with_metrics(model: torch.nn.Module, objective: Objective,
+                          batches: Sequence[Batch]) -> tuple[float | None, dict[str, float]]:
+    """(weight-averaged loss, weight-averaged named metrics) over all batches, no gradients."""
     if not batches:
-        return None
+        return None, {}
     was_training = model.training
     model.eval()
     total = weight = 0.0
+    sums: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:
-            total += float(objective.loss_sum(model, batch))
+            loss, metrics = split_loss(objective.loss_sum(model, batch))
+            total += float(loss)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
             weight += objective.weight(batch)
     model.train(was_training)
-    return total / weight if weight else None
+    if not weight:
+        return None, {}
+    return total / weight, {k: v / weight for k, v in sums.items()}
 
 
 class _Bar:
-    """Rich progress bar with loss, trained tokens/s and ETA; silent when not a terminal."""
+    """Rich progress bar with loss, named metrics, trained tokens/s and ETA; silent when not
+    a terminal."""
 
     def __init__(self, label: str, total: int, done: int):
         self.progress: Progress | None = None
         if progress_mod.enabled():
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[extra]}"),
+                TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=Console(stderr=True))
             self.progress.start()
             self.task = self.progress.add_task(label, total=total, completed=done,
-                                               loss="–", rate="")
+                                               loss="–", rate="", extra="")
 
-    def update(self, step: int, loss: float, rate: float) -> None:
+    def update(self, step: int, loss: float, rate: float,
+               metrics: dict[str, float] | None = None) -> None:
         if self.progress is not None:
+            extra = " ".join(f"{k} {v:.3g}" for k, v in (metrics or {}).items())
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}",
-                                 rate=f"{rate:,.0f} tok/s")
+                                 rate=f"{rate:,.0f} tok/s", extra=extra)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -241,30 +339,39 @@ class _Bar:
 StepCallback = Callable[[LoopState], None]
 
 
+def count_steps(plan: Callable[[int], Sequence[Any]], cfg: LoopConfig) -> int:
+    """Optimizer steps of the whole run. Each epoch's plan is built, counted and dropped:
+    only the running epoch's plan is kept in memory."""
+    return total_steps([len(plan(e)) for e in range(cfg.epochs)], cfg)
+
+
 def train_loop(model: torch.nn.Module, objective: Objective,
                plan: Callable[[int], Sequence[Any]], collate: Callable[[Any], Batch],
                val_batches: Sequence[Batch], out: Path, cfg: LoopConfig,
                resume: bool = False, label: str = "training",
-               on_step: StepCallback | None = None) -> LoopResult:
-    """Train `model` in place. `plan(epoch)` lists that epoch's micro-batches (any objects);
-    `collate` turns one into tensors. `on_step` runs after every finished step (tests use it
-    to simulate a kill)."""
+               on_step: StepCallback | None = None,
+               hooks: Sequence[StepHook] = ()) -> LoopResult:
+    """Train `model` in place. `plan(epoch)` lists that epoch's micro-batches (any objects,
+    a pure function of the epoch); `collate` turns one into tensors. `hooks` run after every
+    optimizer step with the model and are checkpointed; `on_step` runs after every finished
+    step (tests use it to simulate a kill)."""
     out.mkdir(parents=True, exist_ok=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ExnihiloError("the model has no trainable parameters")
-    plans = [plan(e) for e in range(cfg.epochs)]
-    n_steps = total_steps([len(p) for p in plans], cfg)
+    n_steps = count_steps(plan, cfg)
     if n_steps == 0:
         raise ExnihiloError("no training batches: the dataset is empty after filtering")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, n_steps, cfg)
 
     metrics_path = out / "metrics.jsonl"
     state = LoopState()
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state, extra = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        restore_extra_state(objective, hooks, extra)
         trim_metrics(metrics_path, state.step)
         progress_mod.note(f"resuming from {checkpoint} (step {state.step}/{n_steps})")
     elif metrics_path.exists():
@@ -274,10 +381,13 @@ def train_loop(model: torch.nn.Module, objective: Objective,
     model.train()
     bar = _Bar(label, n_steps, state.step)
     val_loss: float | None = None
+    batches: Sequence[Any] = []
+    planned_epoch = -1
     try:
-        with JsonlAppender(metrics_path) as metrics:
+        with JsonlAppender(metrics_path) as metrics_log:
             while state.step < n_steps and state.epoch < cfg.epochs:
-                batches = plans[state.epoch]
+                if planned_epoch != state.epoch:
+                    batches, planned_epoch = plan(state.epoch), state.epoch
                 if state.batch_in_epoch >= len(batches):
                     state.epoch += 1
                     state.batch_in_epoch = 0
@@ -285,29 +395,32 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                 window = batches[state.batch_in_epoch:state.batch_in_epoch + cfg.grad_accum]
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 started = time.perf_counter()
-                loss, grad_norm, weight, positions = optimizer_step(
-                    model, objective, [collate(b) for b in window], params, optimizer,
-                    scheduler, cfg)
-                state.train_seconds += time.perf_counter() - started
+                step = optimizer_step(model, objective, [collate(b) for b in window], params,
+                                      optimizer, scheduler, cfg)
                 state.step += 1
                 state.batch_in_epoch += len(window)
-                state.trained_tokens += weight
-                state.positions += positions
+                for hook in hooks:
+                    hook.after_step(model, state)
+                state.train_seconds += time.perf_counter() - started
+                state.trained_tokens += step.weight
+                state.positions += step.positions
                 rate = state.trained_tokens / max(state.train_seconds, 1e-9)
                 row: dict[str, Any] = {
-                    "step": state.step, "epoch": state.epoch, "loss": loss,
-                    "lr": lr, "grad_norm": grad_norm,
+                    "step": state.step, "epoch": state.epoch, "loss": step.loss,
+                    "lr": lr, "grad_norm": step.grad_norm, **step.metrics,
                     "trained_tokens": state.trained_tokens, "positions": state.positions,
                     "trained_tokens_per_s": rate, "train_seconds": state.train_seconds}
                 last = state.step == n_steps
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-                    val_loss = evaluate(model, objective, val_batches)
+                    val_loss, val_metrics = evaluate_with_metrics(model, objective, val_batches)
                     row["val_loss"] = val_loss
-                metrics.append(row)
+                    row.update({f"val_{k}": v for k, v in val_metrics.items()})
+                metrics_log.append(row)
                 history.append(row)
-                bar.update(state.step, loss, rate)
+                bar.update(state.step, step.loss, rate, step.metrics)
                 if cfg.save_every and state.step % cfg.save_every == 0 and not last:
-                    save_checkpoint(out, model, optimizer, scheduler, state)
+                    save_checkpoint(out, model, optimizer, scheduler, state,
+                                    extra_state(objective, hooks))
                 if on_step is not None:
                     on_step(state)
     finally:
@@ -325,22 +438,35 @@ def _last_val(history: list[dict[str, Any]]) -> float | None:
     return vals[-1] if vals else None
 
 
+@dataclass
+class StepOutput:
+    loss: float
+    grad_norm: float
+    weight: float
+    positions: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 def optimizer_step(model: torch.nn.Module, objective: Objective, window: list[Batch],
                    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                   scheduler: Any, cfg: LoopConfig) -> tuple[float, float, float, int]:
-    """One optimizer step over an accumulation window; returns (loss, grad norm, weight,
-    positions). Each micro-batch's summed loss is divided by the window's total weight, so
-    the gradient equals that of the window as one batch."""
+                   scheduler: Any, cfg: LoopConfig) -> StepOutput:
+    """One optimizer step over an accumulation window. Each micro-batch's summed loss (and
+    each named metric) is divided by the window's total weight, so the gradient equals that
+    of the window as one batch."""
     weight = sum(objective.weight(b) for b in window)
     denominator = max(weight, 1.0)
     total = 0.0
+    metrics: dict[str, float] = {}
     for batch in window:
-        loss = objective.loss_sum(model, batch) / denominator
+        loss_sum, batch_metrics = split_loss(objective.loss_sum(model, batch))
+        loss = loss_sum / denominator
         loss.backward()
         total += float(loss.detach())
+        for key, value in batch_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value / denominator
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     positions = sum(int(b["input_ids"].numel()) for b in window)
-    return total, grad_norm, weight, positions
+    return StepOutput(total, grad_norm, weight, positions, metrics)

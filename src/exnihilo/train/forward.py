@@ -1,0 +1,240 @@
+"""The one log-prob path: every method that needs log π(y|x) goes through these functions.
+
+SFT's loss is the negated sum of `token_logprobs`; `eval perplexity`, DPO's policy and
+reference log-probs, and reward-free scoring use `sequence_logprobs`; distillation uses
+`token_divergence` / `model_divergence`. A batch is what `train.collate` emits:
+`input_ids` [B, T], `labels` [B, T] (the target of each position, -100 where nothing is
+trained), optionally `position_ids` (packed rows restart them per example) and
+`example_index` [B, T] (which example of the batch a position belongs to; -1 for padding).
+
+Memory: the head's output over a 49k vocabulary dominates. For models whose causal-LM head
+is exactly `lm_head(decoder(x))` (Llama, Gemma 2 …; `PLAIN_HEAD`) the head runs only on
+trained positions, and in chunks of `LOGIT_CHUNK` positions: each chunk's [chunk × vocab]
+fp32 logits exist only inside a checkpointed function and are rebuilt during backward, so
+the full [tokens × vocab] tensor never exists at once (the cost is one more head matmul per
+chunk). We chunk over positions rather than over the vocabulary: log-softmax needs a whole
+row, and a position chunk gives the same bound on memory with one logsumexp per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# Model types whose CausalLM head is exactly `lm_head(decoder(x))` (plus Gemma 2's final
+# soft-capping, applied in `head_logits`). Other models use their own full forward.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "smollm3",
+              "olmo", "olmo2", "starcoder2"}
+
+# Positions per head chunk. At 8 × 512 tokens the fp32 logits, their log-softmax and
+# gradient would otherwise hold ~2.4 GB at once; batches with at most this many trained
+# positions run in one piece (no recomputation).
+LOGIT_CHUNK = 2048
+
+Batch = dict[str, torch.Tensor]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_inputs(batch: Batch) -> dict[str, Any]:
+    # use_cache=False also matters for packing: with a cache transformers ignores the
+    # restarting position ids and would let packed examples attend to each other.
+    return {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"),
+            "attention_mask": batch.get("attention_mask"), "use_cache": False}
+
+
+def head_logits(base: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal-LM head on hidden states, with Gemma 2's final-logit soft-capping."""
+    logits = base.get_output_embeddings()(hidden)
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def has_plain_head(model: Any) -> bool:
+    return base_model(model).config.model_type in PLAIN_HEAD
+
+
+def trained_mask(batch: Batch) -> torch.Tensor:
+    return batch["labels"] != IGNORE_INDEX
+
+
+def trained_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states at trained positions [N, hidden], their targets [N])."""
+    keep = trained_mask(batch)
+    hidden = base_model(model).get_decoder()(**decoder_inputs(batch)).last_hidden_state
+    return hidden[keep], batch["labels"][keep]
+
+
+def trained_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at trained positions [N, vocab], their targets [N]), unchunked: for callers
+    that need the whole distribution of few positions (tests, judges)."""
+    if has_plain_head(model):
+        hidden, targets = trained_hidden(model, batch)
+        return head_logits(base_model(model), hidden), targets
+    keep = trained_mask(batch)
+    return model(**decoder_inputs(batch)).logits[keep], batch["labels"][keep]
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, in fp32."""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(base: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _target_logprobs(head_logits(base, hidden), targets)
+
+
+def chunked(fn: Any, *tensors: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`fn` over row chunks of `tensors`, concatenated. Under autograd each chunk is
+    checkpointed (its intermediate logits rebuilt in backward); one chunk runs plainly."""
+    n = tensors[0].shape[0]
+    if n <= chunk:
+        return fn(*tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    pieces = []
+    for s in range(0, n, chunk):
+        parts = [t[s:s + chunk] for t in tensors]
+        if needs_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            pieces.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            pieces.append(fn(*parts))
+    return torch.cat(pieces)
+
+
+def token_logprobs(model: Any, batch: Batch, chunk: int | None = None) -> torch.Tensor:
+    """log π(target) at every trained position, [N] in row-major order (fp32)."""
+    chunk = chunk or LOGIT_CHUNK
+    if not has_plain_head(model):
+        logits, targets = trained_logits(model, batch)
+        return _target_logprobs(logits, targets)
+    base = base_model(model)
+    hidden, targets = trained_hidden(model, batch)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _chunk_logprobs(base, h, t)
+    return chunked(piece, hidden, targets, chunk=chunk)
+
+
+def example_ids(batch: Batch) -> torch.Tensor:
+    """The example each trained position belongs to, [N]. Padded batches (no
+    `example_index`) hold one example per row."""
+    keep = trained_mask(batch)
+    if "example_index" in batch:
+        return batch["example_index"][keep]
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
+    return rows[keep]
+
+
+def n_examples(batch: Batch) -> int:
+    if "example_index" in batch:
+        return int(batch["example_index"].max()) + 1
+    return int(batch["input_ids"].shape[0])
+
+
+@dataclass
+class SequenceLogprobs:
+    """Per-example sums of trained-token log-probs and how many tokens each sums."""
+
+    sums: torch.Tensor  # [E] fp32, differentiable
+    counts: torch.Tensor  # [E] long
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp(min=1)
+
+
+def per_example_sums(values: torch.Tensor, batch: Batch) -> SequenceLogprobs:
+    """Sum per-position `values` [N] (in trained-position order) into their examples."""
+    ids = example_ids(batch)
+    e = n_examples(batch)
+    sums = torch.zeros(e, dtype=values.dtype, device=values.device).index_add(0, ids, values)
+    counts = torch.zeros(e, dtype=torch.long, device=ids.device).index_add(
+        0, ids, torch.ones_like(ids))
+    return SequenceLogprobs(sums, counts)
+
+
+def sequence_logprobs(model: Any, batch: Batch, chunk: int | None = None) -> SequenceLogprobs:
+    """Σ log π(y_t | y_<t, x) over each example's trained tokens (padded or packed rows)."""
+    return per_example_sums(token_logprobs(model, batch, chunk), batch)
+
+
+# --------------------------------------------------------------------- divergences
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     kind: Divergence = "forward_kl", beta: float = 0.5,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Divergence between teacher and student next-token distributions, per row [N].
+
+    forward_kl: KL(P_T ‖ P_S) (mean-seeking; classic distillation). reverse_kl: KL(P_S ‖ P_T)
+    (mode-seeking). jsd: generalized JSD(β) as GKD defines it, with the mixture
+    M = (1−β)·P_S + β·P_T and JSD_β = β·KL(P_T ‖ M) + (1−β)·KL(P_S ‖ M); β = 0 and β = 1 are
+    the forward and reverse KL themselves (GKD's special cases). Logits are divided by the
+    temperature τ; no τ² factor (as TRL's GKD loss).
+    """
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl(log_t, log_s)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl(log_s, log_t)
+    if kind != "jsd":
+        raise ValueError(f"unknown divergence {kind!r} (known: forward_kl, reverse_kl, jsd)")
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    log_m = torch.logsumexp(torch.stack([log_s + torch.log(torch.tensor(1.0 - beta)),
+                                         log_t + torch.log(torch.tensor(beta))]), dim=0)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) per row from log-probabilities; 0·log 0 counts as 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def model_divergence(student: Any, teacher: Any, batch: Batch, kind: Divergence = "forward_kl",
+                     beta: float = 0.5, temperature: float = 1.0,
+                     chunk: int | None = None) -> torch.Tensor:
+    """Per trained position [N], the divergence between `teacher`'s and `student`'s
+    next-token distributions on the same batch; the teacher runs without gradients. Both
+    models must share a vocabulary. Chunked like `token_logprobs`."""
+    chunk = chunk or LOGIT_CHUNK
+    s_vocab = base_model(student).get_output_embeddings().weight.shape[0]
+    t_vocab = base_model(teacher).get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        from exnihilo.errors import ExnihiloError
+
+        raise ExnihiloError(f"teacher and student have different vocabularies ({t_vocab} vs "
+                            f"{s_vocab} tokens): distillation compares token distributions, "
+                            f"so they must share a tokenizer")
+    with torch.no_grad():
+        if has_plain_head(teacher):
+            t_hidden, _ = trained_hidden(teacher, batch)
+        else:
+            t_full, _ = trained_logits(teacher, batch)
+    if not has_plain_head(student):
+        s_logits, _ = trained_logits(student, batch)
+        t_logits = t_full if not has_plain_head(teacher) else head_logits(
+            base_model(teacher), t_hidden).detach()
+        return token_divergence(s_logits, t_logits, kind, beta, temperature)
+    s_base, t_base = base_model(student), base_model(teacher)
+    s_hidden, _ = trained_hidden(student, batch)
+    teacher_side = t_hidden if has_plain_head(teacher) else t_full
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = head_logits(t_base, t) if has_plain_head(teacher) else t
+        return token_divergence(head_logits(s_base, h), t_logits, kind, beta, temperature)
+    return chunked(piece, s_hidden, teacher_side, chunk=chunk)

@@ -1,0 +1,228 @@
+"""Run plumbing shared by every `train` verb (SFT, DPO, distillation, pretraining …):
+the settings every method has, the output-folder guard, run identity and info files, LoRA
+setup and target checks, parameter counts, and the final save.
+
+A run folder holds `run_config.json` (written when the run starts: what identifies it),
+`metrics.jsonl`, `checkpoints/` while unfinished, and, once finished, a plain Hugging Face
+model folder plus `exnihilo_run.json` (written last: the model is complete) recording the
+method, prompt style, base model and config — `read_run_info` / `run_style` read it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, Field
+
+from exnihilo.errors import ExnihiloError
+from exnihilo.models import DEFAULT_MODEL
+from exnihilo.train.loop import LoopConfig
+
+RUN_CONFIG = "run_config.json"  # written when a run starts: identifies it
+RUN_INFO = "exnihilo_run.json"  # written last when a run finishes: the model is complete
+
+DEFAULT_LR_LORA = 2e-4
+DEFAULT_LR_FULL = 5e-5  # ch07's full-finetuning rate
+
+
+class TrainConfig(BaseModel):
+    """Settings every training method shares; each method's config extends it."""
+
+    out: str
+    model: str = DEFAULT_MODEL
+    full: bool = False
+    epochs: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: the method's LoRA / full default
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = ["all-linear"]
+    dora: bool = False  # peft's weight-decomposed LoRA (arXiv 2402.09353)
+    lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: lr of B = ratio × lr
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    eval_every: int = Field(50, ge=0)
+    save_every: int = Field(50, ge=0)
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1)
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False  # recompute layer activations in backward
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    # The method's default rates; subclasses override.
+    default_lr_lora: ClassVar[float] = DEFAULT_LR_LORA
+    default_lr_full: ClassVar[float] = DEFAULT_LR_FULL
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return self.default_lr_full if self.full else self.default_lr_lora
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(lr=self.learning_rate, weight_decay=self.weight_decay,
+                          warmup_ratio=self.warmup_ratio, grad_accum=self.grad_accum,
+                          max_grad_norm=self.max_grad_norm, epochs=self.epochs,
+                          max_steps=self.max_steps, eval_every=self.eval_every,
+                          save_every=self.save_every, seed=self.seed,
+                          lora_plus_ratio=self.lora_plus_ratio)
+
+
+# Settings that do not change the trained weights may differ when resuming.
+NOT_IDENTITY = {"out", "eval_every", "save_every"}
+
+
+def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:
+    """What makes two runs the same run: the config plus a hash of each data file."""
+    ident = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IDENTITY}
+    for key, path in data_files.items():
+        ident[f"{key}_sha256"] = file_sha256(path)
+    return ident
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise ExnihiloError(f"{path}: no such file") from None
+    return h.hexdigest()
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct last-name parts of the Linear layers (what LoRA targets match)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear)})
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    if targets == ["all-linear"]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ExnihiloError(
+                f"LoRA target {target!r} matches no module of the model; its linear layers "
+                f"are: {', '.join(linear_module_names(model))} (or use all-linear)")
+
+
+def add_lora(model: Any, cfg: TrainConfig) -> Any:
+    """Wrap `model` with peft LoRA (or DoRA with `cfg.dora`) adapters per `cfg`."""
+    from peft import LoraConfig, get_peft_model
+
+    check_lora_targets(model, cfg.lora_targets)
+    targets: Any = "all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", use_dora=cfg.dora)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5.23 property that warns about its own rename.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Keep only each decoder layer's input and recompute the rest in backward: at 8 × 512
+    tokens on SmolLM2-135M this is most of the peak memory (see benchmarks/sft.py), for
+    about a third more compute. Non-reentrant checkpointing works with frozen embeddings
+    (LoRA) and restores the RNG state, so dropout masks (and resume) stay exact."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return (sum(p.numel() for p in params if p.requires_grad),
+            sum(p.numel() for p in params))
+
+
+def prepare_out(out: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Refuse to touch a folder that holds anything but this run; record this run's identity.
+
+    Never overwrites silently: a finished run, a different run, or an unrelated non-empty
+    folder are all errors. An unfinished run of the same config needs --resume.
+    """
+    config_path, info_path = out / RUN_CONFIG, out / RUN_INFO
+    if out.exists() and not out.is_dir():
+        raise ExnihiloError(f"--out {out} is a file, expected a folder")
+    if out.exists() and any(out.iterdir()):
+        if not config_path.exists():
+            raise ExnihiloError(f"--out {out} is not empty and holds no exnihilo run; "
+                                f"choose a new folder")
+        previous = json.loads(config_path.read_text())
+        differs = sorted(k for k in set(previous) | set(identity)
+                         if previous.get(k) != identity.get(k))
+        if differs:
+            raise ExnihiloError(f"--out {out} holds a different run ({', '.join(differs)} "
+                                f"differ); choose a new folder or delete it")
+        if info_path.exists():
+            raise ExnihiloError(f"--out {out} already holds this finished run; nothing to do "
+                                f"(delete it to train again)")
+        if not resume:
+            raise ExnihiloError(f"--out {out} holds an unfinished run of this config: pass "
+                                f"--resume to continue it, or choose a new folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config_path, identity)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_final_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any],
+                     lora: bool) -> None:
+    """Merge LoRA (if any) and save a plain HF folder into `out`; exnihilo_run.json last."""
+    final = model.merge_and_unload() if lora else model
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        final.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config last
+        for path in files:
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(out / RUN_INFO, info)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def read_run_info(folder: str | Path) -> dict[str, Any] | None:
+    """The exnihilo_run.json of a trained model folder (style, base model, config), if any."""
+    path = Path(folder) / RUN_INFO
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_style(folder: str | Path) -> str | None:
+    """The prompt style a trained run folder records, else None (not a run folder)."""
+    from exnihilo.styles import STYLES
+
+    path = Path(folder).expanduser() / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExnihiloError(f"{path}: unreadable ({e})") from None
+    style = info.get("style") if isinstance(info, dict) else None
+    if style is None and isinstance(info, dict) and isinstance(info.get("config"), dict):
+        style = info["config"].get("style")
+    if style is not None and style not in STYLES:
+        raise ExnihiloError(f"{path}: unknown style {style!r} (known: {', '.join(STYLES)})")
+    return style
