@@ -1,0 +1,98 @@
+"""Generation: answer every prompt of an eval set with an engine, resumably."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from exnihilo.engines.base import Engine, SamplingParams
+from exnihilo.errors import ExnihiloError
+from exnihilo.evaluate.resumable import _resumable
+from exnihilo.evaluate.sets import prompt_id, split_reference
+from exnihilo.records import Record, content_id
+from exnihilo.styles import check_style, render_prompt
+
+# Stop strings for the single-turn styles: a model not trained on them (or a base model)
+# goes on to write the next "### Instruction:" or "<|user|>" turn itself.
+STYLE_STOPS: dict[str, list[str]] = {
+    "chat": [],
+    "alpaca": ["### Instruction:", "### Input:", "### Response:"],
+    "phi3": ["<|user|>", "<|end|>", "<|assistant|>"],
+}
+
+
+def record_seed(base_seed: int, pid: str) -> int:
+    """A per-prompt seed: a record's sample does not depend on its batch or position."""
+    return (base_seed * 1_000_003 + int(pid[:12], 16)) % (2**62)
+
+
+def generate_responses(engine: Engine, records: list[Record], params: SamplingParams,
+                       style: str = "chat", tokenizer: Any = None,
+                       out: str | Path | None = None, chunk_size: int = 64
+                       ) -> list[Record]:
+    """Answer every eval record with `engine`; one output record per prompt, input order.
+
+    style "chat" goes through `engine.chat` (the model's template); "alpaca"/"phi3" are
+    rendered with `styles.render_prompt` and sent to `engine.complete`. Output records hold
+    the prompt messages plus the generated assistant message, with the reference in
+    meta["reference"] and meta.generator/style/sampling/seed/finish_reason. With `out`, each
+    chunk is appended as it finishes and a rerun skips prompts already answered.
+    """
+    check_style(style)
+    if not records:
+        raise ExnihiloError("no records to generate for")
+    tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    stops = STYLE_STOPS[style]
+    run_params = params.model_copy(update={"stop": sorted(set(params.stop) | set(stops))})
+    sampling = params.public()
+
+    def mismatch(old: Record) -> str | None:
+        meta = old.get("meta") or {}
+        theirs = (meta.get("generator"), meta.get("style"), meta.get("sampling"))
+        if theirs != (engine.name, style, sampling):
+            return (f"holds answers from {theirs[0]} (style {theirs[1]}, other sampling), not "
+                    f"{engine.name} (style {style})")
+        return None
+
+    def process(chunk: list[Record]) -> list[Record]:
+        prompts = [split_reference(r)[0] for r in chunk]
+        seeds = [record_seed(params.seed, prompt_id(r)) for r in chunk]
+        if style == "chat":
+            outs = engine.chat(prompts, run_params, seeds=seeds)
+        else:
+            texts = [render_prompt(p, style, tokenizer, (r.get("meta") or {}).get("alpaca"))
+                     for p, r in zip(prompts, chunk, strict=True)]
+            outs = engine.complete(texts, run_params, seeds=seeds)
+        results = []
+        for record, prompt, seed, completion in zip(chunk, prompts, seeds, outs, strict=True):
+            answer = {"role": "assistant", "content": completion.text.strip()}
+            meta = dict(record.get("meta") or {})
+            meta.pop("judge", None)
+            meta.update(prompt_id=prompt_id(record), reference=split_reference(record)[1],
+                        generator=engine.name, style=style, sampling=sampling, seed=seed,
+                        finish_reason=completion.finish_reason,
+                        completion_tokens=completion.completion_tokens)
+            messages = prompt + [answer]
+            results.append({"id": content_id(messages), "messages": messages, "meta": meta})
+        return results
+
+    results, _ = _resumable(records, prompt_id, process, out, chunk_size, mismatch)
+    return results
+
+
+def generation_summary(results: list[Record], elapsed_s: float | None = None
+                       ) -> dict[str, Any]:
+    """Counts that say whether generation went well: truncated answers, empty answers."""
+    finish = Counter((r["meta"] or {}).get("finish_reason", "?") for r in results)
+    tokens = [int((r["meta"] or {}).get("completion_tokens") or 0) for r in results]
+    summary: dict[str, Any] = {
+        "n": len(results),
+        "stopped": finish.get("stop", 0),
+        "hit_max_new_tokens": finish.get("length", 0),
+        "empty": sum(1 for r in results if not r["messages"][-1]["content"].strip()),
+        "mean_completion_tokens": round(sum(tokens) / max(len(tokens), 1), 1),
+    }
+    if elapsed_s is not None:
+        summary["elapsed_s"] = round(elapsed_s, 1)
+    return summary

@@ -1,0 +1,289 @@
+"""Judging with a model that writes its verdict: 0–100 scores (ch07) and pairwise A/B in
+both orders (MT-Bench's conservative rule)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from exnihilo.engines.base import Engine, SamplingParams
+from exnihilo.errors import ExnihiloError
+from exnihilo.evaluate.resumable import _resumable
+from exnihilo.evaluate.sets import EMBEDDED_JUDGES, Message, answer_parts, prompt_id
+from exnihilo.judge import DATA_NOTICE, extract_choice, extract_score, fence
+from exnihilo.records import Record
+
+JUDGE_PROMPT_VERSION = "score-0-100/v1"
+PAIRWISE_PROMPT_VERSION = "pairwise-ab/v1"
+
+
+JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0)
+
+
+def format_conversation(messages: list[Message]) -> str:
+    """The prompt shown to a judge: the user's text alone for a single user turn, else each
+    message under its role."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+def judge_prompt(prompt: list[Message], response: str, reference: str | None) -> str:
+    """ch07's scoring prompt ("Given the input … and correct output …, score the model
+    response … on a scale from 0 to 100 …"), with every text fenced as data."""
+    parts = [DATA_NOTICE, "", fence("INPUT", format_conversation(prompt))]
+    if reference is not None:
+        parts += ["", fence("CORRECT OUTPUT", reference)]
+    parts += ["", fence("MODEL RESPONSE", response), ""]
+    given = "the input and correct output above" if reference is not None else "the input above"
+    parts.append(f"Given {given}, score the model response on a scale from 0 to 100, where "
+                 f"100 is the best score. Respond with the integer number only.")
+    return "\n".join(parts)
+
+
+def judge_engine_name(engine: Engine) -> str:
+    return getattr(engine, "name", type(engine).__name__)
+
+
+def judge_scores(engine: Engine, records: list[Record], params: SamplingParams | None = None,
+                 out: str | Path | None = None, chunk_size: int = 64) -> list[Record]:
+    """Score every record's final answer 0–100; return copies with meta["judge"] set to
+    {"score": float | None, "raw": judge's text, "judge": engine name, "reference": bool}.
+
+    Every record is sent with the same fixed seed at temperature 0 (unless `params` says
+    otherwise), so scores are reproducible and independent of batching. A None score means
+    the answer could not be read; `judge_summary` counts those.
+    """
+    params = params or JUDGE_PARAMS
+    name = judge_engine_name(engine)
+    setting = {"judge": name, "prompt": JUDGE_PROMPT_VERSION, "sampling": params.public()}
+
+    def mismatch(old: Record) -> str | None:
+        verdict = (old.get("meta") or {}).get("judge") or {}
+        theirs = {k: verdict.get(k) for k in setting}
+        return None if theirs == setting else (
+            f"holds scores from judge {theirs['judge']} with other settings, not {name}")
+
+    def process(chunk: list[Record]) -> list[Record]:
+        prompts = []
+        for record in chunk:
+            prompts.append([{"role": "user", "content": judge_prompt(*answer_parts(record))}])
+        outs = engine.chat(prompts, params, seeds=[params.seed] * len(chunk))
+        results = []
+        for record, completion in zip(chunk, outs, strict=True):
+            meta = dict(record.get("meta") or {})
+            meta["judge"] = {**setting, "score": extract_score(completion.text),
+                             "raw": completion.text,
+                             "reference": answer_parts(record)[2] is not None}
+            results.append({**record, "meta": meta})
+        return results
+
+    for lineno, record in enumerate(records, start=1):
+        if not record["messages"] or record["messages"][-1]["role"] != "assistant":
+            raise ExnihiloError(f"record {lineno} ({record.get('id')}) has no assistant "
+                                f"answer to judge")
+    results, _ = _resumable(records, lambda r: r["id"], process, out, chunk_size, mismatch)
+    return results
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def score_histogram(scores: list[float], width: int = 10, high: int = 100) -> dict[str, int]:
+    """Counts per bin "0-9", "10-19", …, with the top score in the last bin ("90-100")."""
+    edges = list(range(0, high, width))
+    bins = {f"{lo}-{lo + width - 1}" if lo + width < high else f"{lo}-{high}": 0
+            for lo in edges}
+    labels = list(bins)
+    for score in scores:
+        bins[labels[min(int(score // width), len(labels) - 1)]] += 1
+    return bins
+
+
+def judge_summary(results: list[Record], examples: int = 3) -> dict[str, Any]:
+    """n, scored, unparseable (with a few raw answers), mean, stderr, histogram."""
+    verdicts = [(r.get("meta") or {}).get("judge") or {} for r in results]
+    scores = [float(v["score"]) for v in verdicts if v.get("score") is not None]
+    raw_unparseable = [v.get("raw", "") for v in verdicts if v.get("score") is None]
+    mean, stderr = mean_and_stderr(scores)
+    return {
+        "judge": verdicts[0].get("judge") if verdicts else None,
+        "n": len(results),
+        "scored": len(scores),
+        "unparseable": len(raw_unparseable),
+        "unparseable_examples": raw_unparseable[:examples],
+        "mean": None if mean is None else round(mean, 2),
+        "stderr": None if stderr is None else round(stderr, 2),
+        "histogram": score_histogram(scores),
+    }
+
+
+def judge_warning(judge: str) -> str | None:
+    """A plain warning when the judge is the small embedded model, else None."""
+    short = judge.split(":", 1)[-1]
+    if short not in EMBEDDED_JUDGES:
+        return None
+    return (f"the judge {short} is a 135M-parameter model: its scores are close to noise "
+            f"and say little about answer quality. Use them to check the pipeline, read "
+            f"`exnihilo eval perplexity` beside them, and for real judgements point --judge at "
+            f"a strong model (--engine openai --base-url …).")
+
+
+PAIRWISE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=16, seed=0)
+
+
+def pairwise_prompt(prompt: list[Message], first: str, second: str,
+                    reference: str | None) -> str:
+    """Ask which of two fenced responses is better; the answer is a letter or "tie"."""
+    parts = [DATA_NOTICE, "", fence("INPUT", format_conversation(prompt))]
+    if reference is not None:
+        parts += ["", fence("CORRECT OUTPUT", reference)]
+    parts += ["", fence("RESPONSE A", first), "", fence("RESPONSE B", second), ""]
+    given = ("the input and correct output above" if reference is not None
+             else "the input above")
+    parts.append(f"Given {given}, which response is better: A or B? Respond with the single "
+                 f"letter A or B only, or with the word tie if they are equally good.")
+    return "\n".join(parts)
+
+
+def _preference(choice: str | None, a_first: bool) -> str | None:
+    """Which model ("a", "b", "tie") a positional choice favours, given the order shown."""
+    if choice is None or choice == "tie":
+        return choice
+    return "a" if (choice == "A") == a_first else "b"
+
+
+def combine_orders(first: str | None, second: str | None) -> str:
+    """One prompt's outcome for model a from its preferences in the two orders.
+
+    A win (or loss) needs the same preference in both orders; any disagreement is a tie
+    (MT-Bench's conservative rule, arXiv 2306.05685). An unreadable answer in either order
+    makes the prompt "unparseable": counting the one readable order would let position bias
+    back in.
+    """
+    if first is None or second is None:
+        return "unparseable"
+    if first == second == "a":
+        return "win"
+    if first == second == "b":
+        return "loss"
+    return "tie"
+
+
+def match_by_prompt(records_a: list[Record], records_b: list[Record]
+                    ) -> tuple[list[tuple[Record, Record]], int, int]:
+    """Pairs of records answering the same prompt (A's order), plus how many of A and of B
+    found no partner."""
+    b_by_prompt = {prompt_id(r): r for r in records_b}
+    pairs = [(a, b_by_prompt[prompt_id(a)]) for a in records_a if prompt_id(a) in b_by_prompt]
+    matched = {prompt_id(a) for a, _ in pairs}
+    return pairs, len(records_a) - len(pairs), len(b_by_prompt) - len(matched)
+
+
+def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Record],
+                     params: SamplingParams | None = None, out: str | Path | None = None,
+                     chunk_size: int = 32) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Judge model A's answers against model B's on the prompts both answered.
+
+    Each prompt is judged twice, A shown first then B shown first. Returns one row per
+    prompt ({"id": prompt id, "outcome": win|tie|loss|unparseable for A, "orders": [...]})
+    and `pairwise_summary` of them. With `out`, rows are appended as they finish and a rerun
+    resumes.
+    """
+    params = params or PAIRWISE_PARAMS
+    pairs, unmatched_a, unmatched_b = match_by_prompt(records_a, records_b)
+    if not pairs:
+        raise ExnihiloError("the two files share no prompt: pairwise needs answers to the same "
+                            "prompts (generate both from the same eval set)")
+    name = judge_engine_name(engine)
+    setting = {"judge": name, "prompt": PAIRWISE_PROMPT_VERSION, "sampling": params.public()}
+    items = [{"id": prompt_id(a), "messages": answer_parts(a)[0],
+              "meta": {"reference": answer_parts(a)[2], "a": _answer(a), "b": _answer(b)}}
+             for a, b in pairs]
+
+    def mismatch(old: Record) -> str | None:
+        theirs = {k: old.get(k) for k in setting}
+        return None if theirs == setting else (
+            f"holds verdicts from judge {theirs['judge']} with other settings, not {name}")
+
+    def process(chunk: list[Record]) -> list[Record]:
+        convs = []
+        for item in chunk:
+            ref, a, b = item["meta"]["reference"], item["meta"]["a"], item["meta"]["b"]
+            for first, second in ((a, b), (b, a)):
+                convs.append([{"role": "user", "content": pairwise_prompt(
+                    item["messages"], first["content"], second["content"], ref)}])
+        outs = engine.chat(convs, params, seeds=[params.seed] * len(convs))
+        rows = []
+        for i, item in enumerate(chunk):
+            orders = []
+            for j, a_first in enumerate((True, False)):
+                raw = outs[2 * i + j].text
+                choice = extract_choice(raw)
+                orders.append({"a_first": a_first, "raw": raw, "choice": choice,
+                               "prefers": _preference(choice, a_first)})
+            rows.append({"id": item["id"], **setting, "messages": item["messages"],
+                         "reference": item["meta"]["reference"],
+                         "outcome": combine_orders(orders[0]["prefers"], orders[1]["prefers"]),
+                         "orders": orders, "a": item["meta"]["a"], "b": item["meta"]["b"]})
+        return rows
+
+    rows, _ = _resumable(items, lambda r: r["id"], process, out, chunk_size, mismatch)
+    summary = pairwise_summary(rows)
+    summary.update(unmatched_a=unmatched_a, unmatched_b=unmatched_b,
+                   a=_generator(records_a), b=_generator(records_b))
+    return rows, summary
+
+
+def _answer(record: Record) -> dict[str, Any]:
+    return {"content": record["messages"][-1]["content"], "record_id": record["id"],
+            "generator": (record.get("meta") or {}).get("generator")}
+
+
+def _generator(records: list[Record]) -> str | None:
+    names = {(r.get("meta") or {}).get("generator") for r in records}
+    return names.pop() if len(names) == 1 else None
+
+
+def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str, Any]:
+    """Wins/ties/losses for A, win rate (wins + ties/2) / decided, position consistency.
+
+    Position consistency: among prompts with both orders readable, the share where the
+    judge preferred the same model (or tie) in both orders. A judge that always picks the
+    first position scores 0 %. first_position_rate: share of readable A/B answers that
+    picked whichever response was shown first (0.5 is unbiased).
+    """
+    outcomes = Counter(row["outcome"] for row in rows)
+    decided = outcomes["win"] + outcomes["tie"] + outcomes["loss"]
+    orders = [o for row in rows for o in row["orders"]]
+    consistent = sum(1 for row in rows if row["outcome"] != "unparseable"
+                     and row["orders"][0]["prefers"] == row["orders"][1]["prefers"])
+    lettered = [o for o in orders if o["choice"] in ("A", "B")]
+    points = [1.0] * outcomes["win"] + [0.5] * outcomes["tie"] + [0.0] * outcomes["loss"]
+    win_rate, stderr = mean_and_stderr(points)
+    return {
+        "judge": rows[0].get("judge") if rows else None,
+        "n": len(rows),
+        "decided": decided,
+        "wins": outcomes["win"],
+        "ties": outcomes["tie"],
+        "losses": outcomes["loss"],
+        "unparseable_prompts": outcomes["unparseable"],
+        "unparseable_answers": sum(1 for o in orders if o["choice"] is None),
+        "unparseable_examples": [o["raw"] for o in orders if o["choice"] is None][:examples],
+        "win_rate": None if win_rate is None else round(win_rate, 4),
+        "win_rate_stderr": None if stderr is None else round(stderr, 4),
+        "position_consistency": round(consistent / decided, 4) if decided else None,
+        "first_position_rate": (round(sum(1 for o in lettered if o["choice"] == "A")
+                                      / len(lettered), 4) if lettered else None),
+    }
