@@ -121,3 +121,57 @@ def test_real_model_rows_match_alone_while_others_finish_early(real_engine):
         assert [c.text for c in together] == [c.text for c in alone]
         lengths = {c.completion_tokens for c in together}
         assert len(lengths) > 1  # rows really did finish at different steps
+
+
+def test_next_token_logprobs_agree_with_greedy_and_sum_to_at_most_one(tiny_llama,
+                                                                      smol_tokenizer):
+    import math
+
+    from exnihilo.engines import supports_logprobs
+
+    engine = make_engine(tiny_llama, smol_tokenizer, batch_size=2)
+    assert supports_logprobs(engine)
+    convs = [[{"role": "user", "content": q}] for q in ("Hi", "What is two plus two?", "Yo")]
+    tops = engine.next_token_logprobs(convs, top_k=5)
+    engine._stop_ids = {-1}
+    greedy = engine.chat(convs, SamplingParams(temperature=0.0, max_new_tokens=1))
+    for top, first in zip(tops, greedy, strict=True):
+        assert len(top) <= 5 and sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-5
+        assert max(top, key=top.get) == first.text  # the most likely token is greedy's
+
+
+def test_reply_logprobs_equal_the_models_own_log_softmax(tiny_llama, smol_tokenizer):
+    from exnihilo.templates import render
+
+    engine = make_engine(tiny_llama, smol_tokenizer, batch_size=2)
+    conv = [{"role": "user", "content": "Pick one."}]
+    (total, count), (other, _) = engine.reply_logprobs([conv, conv], ["Red", "Blue sky"])
+    prompt = smol_tokenizer(render(smol_tokenizer, conv, True),
+                            add_special_tokens=False)["input_ids"]
+    reply = smol_tokenizer("Red", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=torch.tensor([prompt + reply])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    want = sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(reply))
+    assert count == len(reply) and total == pytest.approx(want, abs=1e-4)
+    assert other != pytest.approx(total)
+
+
+def test_registry_builds_engines_by_kind_and_names_the_known_ones(tiny_llama, smol_tokenizer):
+    from exnihilo.engines import engine_kinds, make_engine, register
+    from exnihilo.errors import ExnihiloError
+
+    with pytest.raises(ExnihiloError, match="known: .*openai.*transformers"):
+        make_engine("nope", "m")
+
+    @register("scripted-test")
+    class Fake:
+        def __init__(self, model, **options):
+            self.name, self.options = f"scripted:{model}", options
+
+    engine = make_engine("scripted-test", "m", x=1)
+    assert engine.name == "scripted:m" and engine.options == {"x": 1}
+    assert "scripted-test" in engine_kinds()
+    local = make_engine("transformers", "tiny", model_obj=tiny_llama, tokenizer=smol_tokenizer)
+    assert local.context_length == tiny_llama.config.max_position_embeddings
+    assert local.label == "generating" and local.tokenizer is smol_tokenizer

@@ -326,6 +326,17 @@ def test_complete_and_chat_through_real_server(llama_server, api_key, smol_token
     assert chat.finish_reason in ("stop", "length") and chat.completion_tokens >= 1
 
 
+def test_next_token_logprobs_from_the_server(llama_server, api_key):
+    import math
+
+    engine = engine_for([llama_server.url])
+    conv = [[{"role": "user", "content": "Say hello in Spanish."}]]
+    top = engine.next_token_logprobs(conv, top_k=5)[0]
+    greedy = engine.chat(conv, SamplingParams(temperature=0.0, max_new_tokens=1))[0]
+    assert 1 <= len(top) <= 5 and sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-3
+    assert max(top, key=top.get).strip() == greedy.text.strip()
+
+
 def test_engine_works_inside_a_running_event_loop(llama_server, api_key):
     engine = engine_for([llama_server.url])
 

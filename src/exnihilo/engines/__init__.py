@@ -1,5 +1,14 @@
-"""Engines: one protocol (`complete` raw prompts, `chat` conversations), several backends."""
+"""Engines: one protocol (`complete` raw prompts, `chat` conversations), several backends
+registered by kind name."""
 
-from exnihilo.engines.base import Completion, Engine, SamplingParams, make_engine
+from exnihilo.engines.base import (
+    Completion,
+    Engine,
+    LogprobEngine,
+    SamplingParams,
+    supports_logprobs,
+)
+from exnihilo.engines.registry import engine_kinds, load_engine, make_engine, register
 
-__all__ = ["Completion", "Engine", "SamplingParams", "make_engine"]
+__all__ = ["Completion", "Engine", "LogprobEngine", "SamplingParams", "engine_kinds",
+           "load_engine", "make_engine", "register", "supports_logprobs"]

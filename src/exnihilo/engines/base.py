@@ -1,10 +1,20 @@
-"""The engine protocol every generator and judge goes through.
+"""The engine protocol every generator and judge goes through: types only. Backends live
+in their own modules and register themselves (`engines.registry`).
 
     complete(prompts, params) -> list[Completion]      # raw text in, no chat template
     chat(conversations, params) -> list[Completion]    # the model's own chat template
 
 `params.seed` is the base seed; row i of a call is sampled with `seeds[i]` when given
 (per-record seeds), else `seed + i`.
+
+What callers may also read: `name` (recorded in outputs), `label` (the progress label),
+`tokenizer` (the model's tokenizer, or None for a remote server) and `context_length`
+(tokens the model takes, or None when unknown).
+
+Optional capability, `LogprobEngine`: log-probabilities instead of text — the next token's
+top candidates after a conversation (a judge's score token, a tag's first word) and the
+summed log-probability of given replies (multiple choice, option likelihood). Likelihood
+judging needs it; `supports_logprobs(engine)` tells.
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ class Completion:
 @runtime_checkable
 class Engine(Protocol):
     name: str  # e.g. "transformers:smollm2-135m-instruct"
+    label: str  # progress label ("generating", "judging", …)
+    tokenizer: Any  # the model's tokenizer; None for a remote server
+    context_length: int | None  # tokens the model takes; None when unknown
 
     def complete(self, prompts: list[str], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[Completion]: ...
@@ -51,18 +64,26 @@ class Engine(Protocol):
              seeds: list[int] | None = None) -> list[Completion]: ...
 
 
-def make_engine(kind: str, model: str, **options: Any) -> Engine:
-    """Build an engine by kind name ("transformers", "openai")."""
-    from exnihilo.errors import ExnihiloError
+Conversation = list[dict[str, str]]
 
-    if kind == "transformers":
-        from exnihilo.engines.transformers import TransformersEngine
 
-        return TransformersEngine(model, **options)
-    if kind == "openai":
-        try:
-            from exnihilo.engines.openai import OpenAIEngine
-        except ImportError as e:  # pragma: no cover - lands with the server-engine work
-            raise ExnihiloError(f"engine 'openai' is not available: {e}") from None
-        return OpenAIEngine(model, **options)
-    raise ExnihiloError(f"unknown engine {kind!r} (known: transformers, openai)")
+@runtime_checkable
+class LogprobEngine(Protocol):
+    """Engines that can return log-probabilities (the local engine; OpenAI-compatible
+    servers for `next_token_logprobs`)."""
+
+    def next_token_logprobs(self, conversations: list[Conversation], top_k: int = 20
+                            ) -> list[dict[str, float]]:
+        """For each conversation, the assistant reply's first token: {token text: log p}
+        of the `top_k` most likely tokens."""
+        ...
+
+    def reply_logprobs(self, conversations: list[Conversation], replies: list[str]
+                       ) -> list[tuple[float, int]]:
+        """For each conversation, (Σ log p, token count) of `replies[i]` as the assistant's
+        answer (its end-of-turn marker not included)."""
+        ...
+
+
+def supports_logprobs(engine: Any) -> bool:
+    return callable(getattr(engine, "next_token_logprobs", None))

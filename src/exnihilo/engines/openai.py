@@ -33,7 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from exnihilo.engines.base import Completion, SamplingParams
+from exnihilo.engines.base import Completion, Conversation, SamplingParams
+from exnihilo.engines.registry import register
 from exnihilo.errors import ExnihiloError
 from exnihilo.progress import note, token_progress
 
@@ -184,6 +185,7 @@ class ServerPool:
 
 # ------------------------------------------------------------------------------ the engine
 
+@register("openai")
 class OpenAIEngine:
     """Generation through one or more OpenAI-compatible servers.
 
@@ -217,6 +219,9 @@ class OpenAIEngine:
         self.max_retries = max_retries
         self.extra_body = dict(extra_body or {})
         self.progress_label = progress_label
+        self.label = progress_label
+        self.tokenizer = None  # the server tokenizes; `--template-from` gives a local one
+        self.context_length: int | None = None
         self.pool = ServerPool(self.base_urls, backoff_base, backoff_max)
         self.api_key_env = api_key_env  # the variable's name, never its value
         self._api_key = os.environ.get(api_key_env) or None
@@ -241,6 +246,34 @@ class OpenAIEngine:
                        messages=[{"role": m["role"], "content": m["content"]} for m in c])
                   for c, s in zip(conversations, seeds, strict=True)]
         return self._run("/chat/completions", bodies, params.stop)
+
+    def next_token_logprobs(self, conversations: list[Conversation], top_k: int = 20
+                            ) -> list[dict[str, float]]:
+        """The reply's first token's top-k {text: log p}, from the server's chat `logprobs`
+        (`top_logprobs`, at most 20 in OpenAI's API; vLLM and llama.cpp's server support it).
+        A server that returns none is an error naming it."""
+        params = SamplingParams(temperature=0.0, max_new_tokens=1, seed=0)
+        bodies = [dict(self._sampling_body(params, 0), logprobs=True,
+                       top_logprobs=min(top_k, 20),
+                       messages=[{"role": m["role"], "content": m["content"]} for m in c])
+                  for c in conversations]
+        replies = self._run("/chat/completions", bodies, [], raw=True)
+        return [self._top_logprobs(r) for r in replies]
+
+    def reply_logprobs(self, conversations: list[Conversation], replies: list[str]
+                       ) -> list[tuple[float, int]]:
+        raise ExnihiloError(f"{self.name}: scoring given replies needs the model's prompt "
+                            f"log-probabilities, which the chat API does not return; use the "
+                            f"local engine (--engine transformers) for option likelihoods")
+
+    def _top_logprobs(self, data: Any) -> dict[str, float]:
+        try:
+            first = data["choices"][0]["logprobs"]["content"][0]
+            return {str(t["token"]): float(t["logprob"]) for t in first["top_logprobs"]}
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ExnihiloError(f"{self.name}: the server returned no top_logprobs for the "
+                                f"reply (it may not support logprobs on /chat/completions); "
+                                f"--mode logprob needs them") from None
 
     # ------------------------------------------------------------------ request bodies
     @staticmethod
@@ -279,11 +312,12 @@ class OpenAIEngine:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     # ------------------------------------------------------------------ running
-    def _run(self, path: str, bodies: list[dict[str, Any]], stop: list[str]
-             ) -> list[Completion]:
+    def _run(self, path: str, bodies: list[dict[str, Any]], stop: list[str],
+             raw: bool = False) -> list[Any]:
+        """Send every body; Completions, or the servers' JSON replies when `raw`."""
         if not bodies:
             return []
-        coro_factory = lambda: self._gather(path, bodies, stop)  # noqa: E731
+        coro_factory = lambda: self._gather(path, bodies, stop, raw)  # noqa: E731
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -304,8 +338,8 @@ class OpenAIEngine:
             raise result["error"]
         return result["value"]
 
-    async def _gather(self, path: str, bodies: list[dict[str, Any]], stop: list[str]
-                      ) -> list[Completion]:
+    async def _gather(self, path: str, bodies: list[dict[str, Any]], stop: list[str],
+                      raw: bool = False) -> list[Any]:
         semaphore = asyncio.Semaphore(self.concurrency)
         self._check_locks: dict[str, asyncio.Lock] = {}  # bound to this call's event loop
         limits = httpx.Limits(max_connections=self.concurrency,
@@ -314,9 +348,12 @@ class OpenAIEngine:
         async with httpx.AsyncClient(headers=self._headers(), timeout=timeout, limits=limits,
                                      trust_env=False) as client:
             with token_progress(self.progress_label, len(bodies)) as bar:
-                async def one(body: dict[str, Any]) -> Completion:
+                async def one(body: dict[str, Any]) -> Any:
                     async with semaphore:
                         data, server = await self._request(client, path, body)
+                    if raw:
+                        bar.advance(items=1, tokens=1)
+                        return data
                     completion = self._parse(data, server.base_url + path, stop)
                     bar.advance(items=1, tokens=completion.completion_tokens)
                     return completion

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from exnihilo.engines.base import Completion, SamplingParams
+from exnihilo.engines.base import Completion, Conversation, SamplingParams
+from exnihilo.engines.registry import register
 from exnihilo.progress import token_progress
 
 
@@ -50,6 +51,16 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     return torch.argmax(scaled + noise, dim=-1)
 
 
+def cache_argument(model: Any) -> str:
+    """The forward() keyword for the KV cache: transformers 5.24 renamed `past_key_values`
+    to `cache` and warns on the old name (on every call: every command printed it)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+@register("transformers")
 class TransformersEngine:
     """The default engine: a local Hugging Face causal LM on CPU (or whatever torch has)."""
 
@@ -64,7 +75,10 @@ class TransformersEngine:
         self.model = model_obj if model_obj is not None else load_model(model, dtype=dtype)
         self.batch_size = batch_size
         self.progress_label = progress_label
+        self.label = progress_label
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self._stop_ids = self._base_stop_ids()
+        self._cache_kw = cache_argument(self.model)
 
     # ------------------------------------------------------------------ protocol
     def complete(self, prompts: list[str], params: SamplingParams,
@@ -78,6 +92,68 @@ class TransformersEngine:
 
         prompts = [render(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
         return self.complete(prompts, params, seeds)
+
+    # ------------------------------------------------------------------ log-probabilities
+    def _prompt_ids(self, conversations: list[Conversation]) -> list[list[int]]:
+        from exnihilo.templates import render
+
+        return [self.tokenizer(render(self.tokenizer, c, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"] for c in conversations]
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, conversations: list[Conversation], top_k: int = 20
+                            ) -> list[dict[str, float]]:
+        """The first reply token's top-k {text: log p}, from the model's own logits."""
+        results: list[dict[str, float]] = []
+        prompts = self._prompt_ids(conversations)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, p in enumerate(chunk):  # left padding: the last position is the prompt's
+                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[r, width - len(p):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False,
+                                logits_to_keep=1).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            values, indices = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1)
+            for vals, idx in zip(values.tolist(), indices.tolist(), strict=True):
+                top: dict[str, float] = {}
+                for v, i in zip(vals, idx, strict=True):
+                    text = self.tokenizer.decode([i])
+                    top[text] = max(top.get(text, float("-inf")), v)
+                results.append(top)
+        return results
+
+    @torch.inference_mode()
+    def reply_logprobs(self, conversations: list[Conversation], replies: list[str]
+                       ) -> list[tuple[float, int]]:
+        """(Σ log p, tokens) of each reply after its conversation, through the shared
+        log-prob path (`train.forward.sequence_logprobs`)."""
+        from exnihilo.train.collate import collate_continuations
+        from exnihilo.train.forward import sequence_logprobs
+
+        if len(replies) != len(conversations):
+            raise ValueError("one reply per conversation")
+        prompts = self._prompt_ids(conversations)
+        rows = [(p, self.tokenizer(r, add_special_tokens=False)["input_ids"])
+                for p, r in zip(prompts, replies, strict=True)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        out: list[tuple[float, int]] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            if any(not c for _, c in chunk):
+                raise ValueError("an empty reply has no log-probability to score")
+            batch = {k: v.to(device) for k, v in collate_continuations(chunk, pad).items()}
+            seq = sequence_logprobs(self.model, batch)
+            out.extend(zip(seq.sums.tolist(), seq.counts.tolist(), strict=True))
+        return out
 
     # ------------------------------------------------------------------ internals
     def _base_stop_ids(self) -> set[int]:
@@ -145,7 +221,7 @@ class TransformersEngine:
         active = list(range(n))  # original row index of each live batch row
         cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         last_pos = positions[:, -1]
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()
@@ -180,7 +256,8 @@ class TransformersEngine:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
             last_pos = last_pos + 1
             out = model(input_ids=next_tokens[:, None], attention_mask=mask,
-                        position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
+                        position_ids=last_pos[:, None], use_cache=True,
+                        **{self._cache_kw: cache})
 
         completions = []
         for r in range(n):
