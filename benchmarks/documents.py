@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("EXNIHILO_NO_PROGRESS", "1")
 
-from exnihilo.curate.embed import load_embedder  # noqa: E402
+from exnihilo.embedder import load_embedder  # noqa: E402
 from exnihilo.engines.base import SamplingParams  # noqa: E402
 from exnihilo.engines.transformers import TransformersEngine  # noqa: E402
 from exnihilo.records import read_records  # noqa: E402

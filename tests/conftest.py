@@ -78,7 +78,7 @@ def tiny_gemma2(smol_tokenizer):
 @pytest.fixture(scope="session")
 def embedder():
     """The packaged all-MiniLM-L6-v2 sentence embedder (loads offline in about a second)."""
-    from exnihilo.curate.embed import load_embedder
+    from exnihilo.embedder import load_embedder
 
     return load_embedder()
 

@@ -28,23 +28,13 @@ from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.judge import DATA_NOTICE, extract_json_object, extract_score, fence
 from exnihilo.records import JsonlAppender, Record, iter_jsonl, read_any
-
-QUALITY_LEVELS = ("very poor", "poor", "average", "good", "excellent")
-DIFFICULTY_LEVELS = ("very easy", "easy", "medium", "hard", "very hard")
-# Magpie's taxonomy (arXiv 2406.08464), with short names.
-CATEGORIES = ("coding", "math", "reasoning", "information seeking", "creative writing", "advice",
-              "editing", "brainstorming", "role playing", "data analysis", "planning", "others")
-# Spellings judges use for the same category; keys are already normalised.
-CATEGORY_ALIASES = {
-    "coding & debugging": "coding", "coding and debugging": "coding", "code": "coding",
-    "programming": "coding", "debugging": "coding", "maths": "math", "mathematics": "math",
-    "advice seeking": "advice", "roleplay": "role playing", "role play": "role playing",
-    "roleplaying": "role playing", "information": "information seeking",
-    "info seeking": "information seeking", "other": "others", "data": "data analysis",
-    "creative": "creative writing", "plan": "planning",
-}
-INPUT_TAGS = ("quality", "difficulty", "category")
-
+from exnihilo.vocab import (  # noqa: F401  (re-exported: curation's public names)
+    CATEGORIES,
+    CATEGORY_ALIASES,
+    DIFFICULTY_LEVELS,
+    INPUT_TAGS,
+    QUALITY_LEVELS,
+)
 
 # ----------------------------------------------------------------------------------- prompts
 

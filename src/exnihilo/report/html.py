@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exnihilo.curate.fields import instruction_of, response_of, tags_of
-from exnihilo.curate.tags import CATEGORIES, DIFFICULTY_LEVELS, QUALITY_LEVELS
 from exnihilo.errors import ExnihiloError
+from exnihilo.fields import instruction_of, response_of, tags_of
 from exnihilo.records import Record, check_writable, read_any
+from exnihilo.vocab import CATEGORIES, DIFFICULTY_LEVELS, QUALITY_LEVELS
 
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948")
 NULL_LABEL = "unreadable"   # the judge answered but the tag could not be parsed

@@ -350,7 +350,7 @@ def synthesize_documents(engine: Engine, tokenizer: Any, chunks: list[Chunk],
     if not chunks:
         raise ExnihiloError("no text to synthesize from: the corpus is empty")
     if config.method == "stepwise" and embedder is None:
-        from exnihilo.curate.embed import load_embedder
+        from exnihilo.embedder import load_embedder
 
         embedder = load_embedder()
     budget = config.context_tokens - config.generation.max_new_tokens

@@ -207,7 +207,7 @@ def find_evidence(embedder: Any, chunks: list[Chunk], candidates: list[Candidate
     flat = [s for i in range(len(chunks)) for s in sentences[i]]
     if not live:
         return sentences
-    from exnihilo.curate.embed import embed_texts
+    from exnihilo.embedder import embed_texts
 
     vectors = embed_texts([c.question or "" for c in live] + flat, embedder)
     questions, rest = vectors[:len(live)], vectors[len(live):]
