@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-deps lint bench clean
+.PHONY: install demo test test-fast test-deps lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-deps: install
 test: install test-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# Your own loop: everything but the real-model, server and browser tests, one thread.
+test-fast: install
+	$(BIN)/ruff check src tests benchmarks
+	EXNIHILO_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not server and not browser"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -15,6 +15,20 @@ EMBEDDED = "smollm2-135m-instruct"
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
+# Tests that need a llama.cpp server (its fixtures start one) or a browser are marked by
+# what they use, so `make test-fast` can leave them out without a list to maintain.
+SERVER_FIXTURES = {"llama_server", "proxy"}
+BROWSER_TESTS = {"test_report_in_headless_chromium"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if item.name in BROWSER_TESTS:
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run faster on one thread; on a busy shared CPU, two threads' handoffs

@@ -1,14 +1,8 @@
 """Bad input at the command line: one clear line on stderr, non-zero exit, no output file."""
 
 import os
-import subprocess
-import sys
 
-
-def run_cli(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, EXNIHILO_NO_PROGRESS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "exnihilo.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+from helpers import run_cli
 
 
 def assert_one_line_error(result, *fragments):

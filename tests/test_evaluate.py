@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from exnihilo.engines.base import Completion, Engine, SamplingParams
+from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate import (
     combine_orders,
@@ -28,30 +28,9 @@ from exnihilo.evaluate import (
 )
 from exnihilo.judge import extract_choice, extract_score
 from exnihilo.records import iter_jsonl, make_record
+from helpers import ScriptedEngine, run_cli
 
 # ------------------------------------------------------------------------------ helpers
-
-
-class ScriptedEngine:
-    """Implements the engine protocol; answers each prompt with `answer(prompt_text)` and
-    records every call."""
-
-    def __init__(self, answer, name: str = "fake:judge"):
-        self.answer = answer
-        self.name = name
-        self.calls: list[tuple[str, list, SamplingParams, list[int] | None]] = []
-
-    def complete(self, prompts, params, seeds=None):
-        self.calls.append(("complete", prompts, params, seeds))
-        return [Completion(self.answer(p), 1, 1, "stop") for p in prompts]
-
-    def chat(self, conversations, params, seeds=None):
-        self.calls.append(("chat", conversations, params, seeds))
-        return [Completion(self.answer(c[-1]["content"]), 1, 1, "stop") for c in conversations]
-
-    @property
-    def rows_seen(self) -> int:
-        return sum(len(c[1]) for c in self.calls)
 
 
 def generated(user: str, answer: str, reference: str | None = "ref", generator: str = "m"
@@ -560,16 +539,6 @@ def test_embedded_judge_scores_three_answers_and_the_counts_add_up(real_engine):
 
 
 # ------------------------------------------------------------------------------ command line
-
-
-def run_cli(*args):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, EXNIHILO_NO_PROGRESS="1")
-    return subprocess.run([sys.executable, "-m", "exnihilo.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
 
 
 def one_error_line(result) -> str:
