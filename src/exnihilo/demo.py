@@ -73,7 +73,8 @@ def run_magpie_stage(workdir: Path, n: int, engine: Any, seed: int = 0) -> dict[
 
 def run_sft_stage(workdir: Path, data: Path, epochs: int, seed: int) -> dict[str, Any]:
     """LoRA SFT on the Magpie pairs; a finished run in workdir/sft is reused."""
-    from exnihilo.train.sft import SFTConfig, read_run_info, run_sft
+    from exnihilo.train.run import read_run_info
+    from exnihilo.train.sft import SFTConfig, run_sft
 
     out = workdir / "sft"
     info = read_run_info(out)
