@@ -1,0 +1,223 @@
+"""Merge numerics as small pure functions on tensors, following mergekit's definitions.
+
+Every function takes and returns torch tensors and never mutates its inputs. Arithmetic is
+done in float32 (the caller casts the result to the output dtype), so bfloat16 inputs are
+merged at least as precisely as mergekit does in their own dtype.
+
+- `slerp`: spherical interpolation on the whole flattened tensor (Frobenius norm), with
+  mergekit's linear fallback when the normalised vectors are nearly parallel
+  (|dot| > 0.9995); the original magnitudes are kept (no renormalisation).
+- `linear`: Σ wᵢθᵢ / Σ wᵢ (or without the division when `normalize` is false).
+- `task_arithmetic`, `ties`, `dare`: base + λ · mix(wᵢ δᵢ) with δᵢ = θᵢ − θ_base, where the
+  deltas are first sparsified (TIES: keep the top `density` fraction by magnitude; DARE: keep
+  each entry with probability `density` and rescale to the original L1 norm, mergekit's rule
+  since its PR #245, not the paper's 1/density) and, for TIES and dare_ties, mixed only where
+  their sign agrees with the weighted majority sign (disjoint mean).
+- `evaluate_gradient`: mergekit's per-layer interpolation of a list of anchor values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+DOT_THRESHOLD = 0.9995  # mergekit's: above it the vectors count as colinear and lerp is used
+NORM_EPS = 1e-8  # below this norm a vector is left unnormalised (as mergekit does)
+RESCALE_EPS = 1e-7  # mergekit's tolerance for the L1 rescale of DARE
+
+
+def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """(1 − t)·v0 + t·v1 in float32."""
+    return torch.lerp(v0.float(), v1.float(), float(t))
+
+
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor,
+                       dot_threshold: float = DOT_THRESHOLD) -> tuple[float, float] | None:
+    """The two scalars (s0, s1) with slerp = s0·v0 + s1·v1, or None for the lerp fallback.
+
+    The angle is measured on the whole flattened tensors; norms and the dot product are
+    accumulated in float64 so a large tensor's angle does not drift with summation order.
+    """
+    a = v0.reshape(-1).double()
+    b = v1.reshape(-1).double()
+    n0 = torch.linalg.vector_norm(a).item()
+    n1 = torch.linalg.vector_norm(b).item()
+    # mergekit divides by the norm only when it exceeds eps; a zero vector stays zero (dot 0).
+    dot = torch.dot(a, b).item() / ((n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0))
+    if abs(dot) > dot_threshold:
+        return None
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor,
+          dot_threshold: float = DOT_THRESHOLD) -> torch.Tensor:
+    """Spherical interpolation from v0 (t=0) to v1 (t=1), in float32, shape of v0.
+
+    Nearly parallel (or anti-parallel) inputs take the linear path, as in mergekit."""
+    if v0.shape != v1.shape:
+        raise ValueError(f"slerp: shapes differ {tuple(v0.shape)} vs {tuple(v1.shape)}")
+    coefficients = slerp_coefficients(t, v0, v1, dot_threshold)
+    if coefficients is None:
+        return lerp(t, v0, v1)
+    s0, s1 = coefficients
+    result = v0.float() * s0  # one new buffer; the second term is added in place
+    result.add_(v1.float(), alpha=s1)
+    return result
+
+
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+           normalize: bool = True) -> torch.Tensor:
+    """Weighted sum Σ wᵢθᵢ, divided by Σ wᵢ when `normalize` (mergekit's `linear`)."""
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError("linear: need one weight per tensor and at least one tensor")
+    total = float(sum(weights))
+    if normalize and abs(total) < 1e-8:
+        raise ValueError("linear: weights sum to zero under normalize")
+    result = tensors[0].float() * float(weights[0])
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        result.add_(tensor.float(), alpha=float(weight))
+    if normalize:
+        result.div_(total)
+    return result
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the k = int(density·numel) entries of largest magnitude (TIES trim)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    k = int(density * delta.numel())
+    if k <= 0:
+        raise ValueError(f"density {density} keeps no entry of a {delta.numel()}-entry tensor")
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask[torch.topk(delta.reshape(-1).abs().float(), k, sorted=False).indices] = True
+    return mask.view(delta.shape)
+
+
+def random_mask(delta: torch.Tensor, density: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean mask keeping each entry independently with probability `density` (DARE)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    return torch.rand(delta.shape, generator=generator) < density
+
+
+def rescale_l1(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """δ·mask scaled so its L1 norm equals δ's (mergekit's DARE rescale, PR #245).
+
+    Left unscaled when either norm is below 1e-7, as mergekit does."""
+    masked = delta.float() * mask
+    before = delta.float().abs().sum().item()
+    after = masked.abs().sum().item()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked.mul_(before / after)
+
+
+def sign_consensus(weighted_deltas: torch.Tensor) -> torch.Tensor:
+    """TIES sign election over dim 0: keep entries whose sign equals the majority sign.
+
+    The majority sign is +1 where Σᵢ wᵢδᵢ ≥ 0 and −1 elsewhere (so the weights vote, mergekit
+    issue #474); zero entries never match and are thus excluded from the mean."""
+    majority = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0)
+    return weighted_deltas.sign() == majority
+
+
+def mix_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool,
+               normalize: bool) -> torch.Tensor:
+    """Σ wᵢδᵢ (optionally only where signs agree), divided by the matching Σ wᵢ if normalize.
+
+    With consensus the divisor is per entry, Σ wᵢ·maskᵢ, and 0 where no delta survives is
+    replaced by 1 (the entry then stays at the base value)."""
+    stacked = torch.stack([d.float() for d in deltas])
+    w = torch.tensor([float(x) for x in weights]).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked.mul_(w)  # stacked is ours: scale in place
+    if consensus:
+        mask = sign_consensus(weighted)
+        mixed = (weighted * mask).sum(dim=0)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+        return mixed
+    mixed = weighted.sum(dim=0)
+    if normalize:
+        total = float(sum(weights))
+        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    return mixed
+
+
+def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor],
+                    weights: Sequence[float], lam: float = 1.0,
+                    normalize: bool = False) -> torch.Tensor:
+    """θ_base + λ·Σ wᵢ(θᵢ − θ_base) (divided by Σ wᵢ when normalize)."""
+    deltas = [m.float() - base.float() for m in models]
+    return base.float() + lam * mix_deltas(deltas, weights, consensus=False, normalize=normalize)
+
+
+def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+         densities: Sequence[float], lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    """TIES: trim each delta to its top-`density` magnitudes, elect signs, disjoint mean."""
+    deltas = []
+    for model, density in zip(models, densities, strict=True):
+        delta = model.float() - base.float()
+        deltas.append(delta * magnitude_mask(delta, density))
+    return base.float() + lam * mix_deltas(deltas, weights, consensus=True, normalize=normalize)
+
+
+def dare(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
+         densities: Sequence[float], generators: Sequence[torch.Generator | None],
+         consensus: bool, lam: float = 1.0, normalize: bool = False,
+         rescale: bool = True) -> torch.Tensor:
+    """DARE: drop each delta entry with probability 1 − density, rescale to the original L1
+    norm, then mix like task arithmetic (`dare_linear`) or with TIES sign consensus
+    (`dare_ties`). One generator per model makes the drop reproducible."""
+    deltas = []
+    for model, density, gen in zip(models, densities, generators, strict=True):
+        delta = model.float() - base.float()
+        if density >= 1:  # mergekit skips sparsification (and its rescale) at density 1
+            deltas.append(delta)
+            continue
+        mask = random_mask(delta, density, gen)
+        deltas.append(rescale_l1(delta, mask) if rescale else delta * mask)
+    return base.float() + lam * mix_deltas(deltas, weights, consensus=consensus,
+                                           normalize=normalize)
+
+
+def evaluate_gradient(values: Sequence[float], t: float) -> float:
+    """mergekit's gradient: anchors spread evenly over [0, 1], linear between neighbours.
+
+    A layer at relative depth t = idx/(n_layers − 1) gets the interpolated value; a single
+    anchor is a constant."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * float(values[i0]) + frac * float(values[i1])
+
+
+def slerp_task_vectors(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """WARP's spherical average of M task vectors, iterated for M > 2.
+
+    M = 2 is slerp(½, δ₁, δ₂). For M > 2 the running result is slerped with δₘ at 1/m, so
+    every policy gets the same share (the uniform generalisation of the pairwise rule)."""
+    if not deltas:
+        raise ValueError("slerp_task_vectors: no task vectors")
+    merged = deltas[0].float()
+    for m, delta in enumerate(deltas[1:], start=2):
+        merged = slerp(1.0 / m, merged, delta)
+    return merged
+
+
+def liti(init: torch.Tensor, merged: torch.Tensor, eta: float) -> torch.Tensor:
+    """WARP's linear interpolation towards the initialisation: (1 − η)·θ_init + η·θ_merged.
+
+    η = 0 returns θ_init exactly and η = 1 returns θ_merged exactly."""
+    if eta == 0:
+        return init.float().clone()
+    if eta == 1:
+        return merged.float().clone()
+    return torch.lerp(init.float(), merged.float(), float(eta))
