@@ -405,46 +405,74 @@ def _warp_sources(init: str, policies: Sequence[str]) -> tuple[ModelSource,
     return init_model, policy_models
 
 
-def warp_sweep(init: str, policies: Sequence[str], etas: Sequence[float],
-               outs: Sequence[str | Path]) -> list[MergeSummary]:
-    """WARP merge for several η in one pass: the slerp of the task vectors is computed once
-    per tensor and each η's LITI result is appended to its own output folder."""
-    if len(etas) != len(outs) or not etas:
-        raise ExnihiloError("warp: need one output folder per eta")
+def _check_etas(etas: Sequence[float]) -> None:
+    if not etas:
+        raise ExnihiloError("warp: no eta given")
     for eta in etas:
         if not 0 <= eta <= 1:
             raise ExnihiloError(f"warp: eta {eta} must be in [0, 1]")
-    started = time.perf_counter()
-    init_model, policy_models = _warp_sources(init, policies)
-    out_paths = [Path(o) for o in outs]
-    inputs = [init_model.folder, *(p.folder for p in policy_models)]
-    for out in out_paths:
-        check_new_folder(out, inputs)
+
+
+def _write_warp(init_model: ModelSource, policy_models: list[ModelSource],
+                etas: Sequence[float], folders: Sequence[Path], policies: Sequence[str]
+                ) -> None:
+    """One pass over the tensors: the slerp of the task vectors is computed once per tensor
+    and each η's LITI result is appended to its own folder."""
     names = list(init_model.tensors)
     specs = [(n, init_model.tensors[n].shape, init_model.tensors[n].dtype) for n in names]
-    with atomic_folders(out_paths) as temps:
-        with ExitStack() as stack:
-            writers = [stack.enter_context(ShardWriter(tmp, specs)) for tmp in temps]
-            for name in names:
-                theta_init = init_model.read(name)
-                deltas = [p.read(name).sub_(theta_init) for p in policy_models]
-                theta_slerp = methods.slerp_task_vectors(deltas).add_(theta_init)
-                del deltas
-                for eta, writer in zip(etas, writers, strict=True):
-                    value = methods.liti(theta_init, theta_slerp, eta)
-                    writer.write(name, value.to(init_model.tensors[name].dtype))
-        for eta, tmp in zip(etas, temps, strict=True):
-            write_config(init_model.config, tmp, init_model.tensors[names[0]].dtype)
-            copy_side_files(init_model, init_model.tokenizer_folder, tmp)
-            (tmp / "warp.json").write_text(json.dumps(
-                {"method": "warp", "init": init, "policies": list(policies), "eta": eta,
-                 "merge": "slerp of task vectors (per tensor), then LITI"}, indent=2) + "\n")
+    with ExitStack() as stack:
+        writers = [stack.enter_context(ShardWriter(folder, specs)) for folder in folders]
+        for name in names:
+            theta_init = init_model.read(name)
+            deltas = [p.read(name).sub_(theta_init) for p in policy_models]
+            theta_slerp = methods.slerp_task_vectors(deltas).add_(theta_init)
+            del deltas
+            for eta, writer in zip(etas, writers, strict=True):
+                value = methods.liti(theta_init, theta_slerp, eta)
+                writer.write(name, value.to(init_model.tensors[name].dtype))
+    for eta, folder in zip(etas, folders, strict=True):
+        write_config(init_model.config, folder, init_model.tensors[names[0]].dtype)
+        copy_side_files(init_model, init_model.tokenizer_folder, folder)
+        (folder / "warp.json").write_text(json.dumps(
+            {"method": "warp", "init": init_model.ref, "policies": list(policies), "eta": eta,
+             "merge": "slerp of the task vectors per tensor (iterated at 1/m for M > 2), "
+                      "then LITI towards init"}, indent=2) + "\n")
+
+
+def eta_folder_name(eta: float) -> str:
+    return f"eta-{eta:.2f}"
+
+
+def warp_sweep(init: str, policies: Sequence[str], etas: Sequence[float],
+               out: str | Path) -> list[MergeSummary]:
+    """WARP merge for each η of a grid, into `out/eta-<η>` (one pass over the weights; the
+    whole folder appears only when every η is written)."""
+    _check_etas(etas)
+    started = time.perf_counter()
+    out = Path(out)
+    init_model, policy_models = _warp_sources(init, policies)
+    check_new_folder(out, [init_model.folder, *(p.folder for p in policy_models)])
+    with atomic_folders([out]) as (tmp,):
+        folders = [tmp / eta_folder_name(eta) for eta in etas]
+        for folder in folders:
+            folder.mkdir()
+        _write_warp(init_model, policy_models, etas, folders, policies)
+    total = sum(_numel(info.shape) for info in init_model.tensors.values())
     seconds = time.perf_counter() - started
-    total = sum(_numel(s) for _, s, _ in specs)
-    return [MergeSummary(out, f"warp eta={eta:g}", len(names), total, seconds, peak_rss_mb())
-            for eta, out in zip(etas, out_paths, strict=True)]
+    return [MergeSummary(out / eta_folder_name(eta), f"warp eta={eta:g}",
+                         len(init_model.tensors), total, seconds, peak_rss_mb())
+            for eta in etas]
 
 
 def warp(init: str, policies: Sequence[str], eta: float, out: str | Path) -> MergeSummary:
     """WARP merge of M policies trained from `init`: slerp of task vectors, then LITI."""
-    return warp_sweep(init, policies, [eta], [out])[0]
+    _check_etas([eta])
+    started = time.perf_counter()
+    out = Path(out)
+    init_model, policy_models = _warp_sources(init, policies)
+    check_new_folder(out, [init_model.folder, *(p.folder for p in policy_models)])
+    with atomic_folders([out]) as (tmp,):
+        _write_warp(init_model, policy_models, [eta], [tmp], policies)
+    total = sum(_numel(info.shape) for info in init_model.tensors.values())
+    return MergeSummary(out, f"warp eta={eta:g}", len(init_model.tensors), total,
+                        time.perf_counter() - started, peak_rss_mb())
