@@ -33,19 +33,30 @@ def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return torch.lerp(v0.float(), v1.float(), float(t))
 
 
+def dot_and_norms(v0: torch.Tensor, v1: torch.Tensor, chunk: int = 1 << 20
+                  ) -> tuple[float, float, float]:
+    """⟨v0, v1⟩, ‖v0‖, ‖v1‖ over the flattened tensors, accumulated in float64.
+
+    Chunked, so a large tensor's angle neither drifts with float32 summation nor needs
+    float64 copies of whole tensors (two of them would double a merge's peak memory)."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    dot = n0 = n1 = 0.0
+    for start in range(0, a.numel(), chunk):
+        x, y = a[start:start + chunk].double(), b[start:start + chunk].double()
+        dot += torch.dot(x, y).item()
+        n0 += torch.dot(x, x).item()
+        n1 += torch.dot(y, y).item()
+    return dot, math.sqrt(n0), math.sqrt(n1)
+
+
 def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor,
                        dot_threshold: float = DOT_THRESHOLD) -> tuple[float, float] | None:
     """The two scalars (s0, s1) with slerp = s0·v0 + s1·v1, or None for the lerp fallback.
 
-    The angle is measured on the whole flattened tensors; norms and the dot product are
-    accumulated in float64 so a large tensor's angle does not drift with summation order.
-    """
-    a = v0.reshape(-1).double()
-    b = v1.reshape(-1).double()
-    n0 = torch.linalg.vector_norm(a).item()
-    n1 = torch.linalg.vector_norm(b).item()
+    The angle is measured between the whole flattened tensors."""
+    dot, n0, n1 = dot_and_norms(v0, v1)
     # mergekit divides by the norm only when it exceeds eps; a zero vector stays zero (dot 0).
-    dot = torch.dot(a, b).item() / ((n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0))
+    dot /= (n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0)
     if abs(dot) > dot_threshold:
         return None
     theta = math.acos(max(-1.0, min(1.0, dot)))
