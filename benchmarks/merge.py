@@ -51,7 +51,7 @@ def make_second_model(base: Path, target: Path, seed: int = 0) -> None:
 
     import torch
 
-    from exnihilo.merge.io import ShardWriter, read_header_index, read_tensor
+    from exnihilo.merge.shards import ShardWriter, read_header_index, read_tensor
 
     index = read_header_index(base)
     target.mkdir(parents=True)

@@ -91,6 +91,14 @@ def test_ties_trim_and_weighted_vote():
     assert methods.ties(torch.zeros(1), [one, other], [1, 3], [1, 1]).tolist() == [-0.5]
 
 
+def test_ties_optional_l1_rescale():
+    base, delta = torch.zeros(4), torch.tensor([4.0, -1.0, 2.0, 1.0])
+    # density .5 keeps 4 and 2 (L1 6 of 8); rescale multiplies them by 8/6
+    assert methods.ties(base, [delta], [1], [0.5]).tolist() == [4.0, 0.0, 2.0, 0.0]
+    assert methods.ties(base, [delta], [1], [0.5], rescale=True).tolist() == \
+        pytest.approx([16 / 3, 0.0, 8 / 3, 0.0])
+
+
 def test_dare_keep_rate_and_l1_rescale():
     delta = torch.ones(200_000)
     g = torch.Generator().manual_seed(1)
@@ -345,7 +353,7 @@ dtype: bfloat16
 def test_sharded_input_and_output(folders, tiny_llama, smol_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from exnihilo.merge.io import ShardWriter, read_header_index
+    from exnihilo.merge.shards import ShardWriter, read_header_index
 
     root = folders["root"]
     tiny_llama.save_pretrained(root / "sharded", safe_serialization=True, max_shard_size="2MB")
@@ -452,8 +460,13 @@ def test_different_vocabulary_or_architecture_names_the_tensor(folders, tiny_gem
     torch.manual_seed(0)
     _save(LlamaForCausalLM(tiny_llama_config(1000)), root / "small_vocab")
     _save(tiny_gemma2, root / "gemma")
+    _save(LlamaForCausalLM(tiny_llama_config(49152, tie_word_embeddings=False)),
+          root / "untied")
+    _save(LlamaForCausalLM(tiny_llama_config(49152, num_hidden_layers=3)), root / "deeper")
     for other, fragment in (("small_vocab", "tensor model.embed_tokens.weight has shape"),
-                            ("gemma", "differ in architecture")):
+                            ("gemma", "differ in architecture"),
+                            ("untied", "tensor lm_head.weight is in untied but not in base"),
+                            ("deeper", "different numbers of layers")):
         config = _write_yaml(root / "x.yaml", "merge_method: task_arithmetic\nbase_model: base"
                              f"\nmodels:\n  - {{model: {other}, parameters: {{weight: 1}}}}\n")
         with pytest.raises(ExnihiloError, match=fragment):

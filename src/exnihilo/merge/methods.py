@@ -170,12 +170,19 @@ def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor],
 
 
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
-         densities: Sequence[float], lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
-    """TIES: trim each delta to its top-`density` magnitudes, elect signs, disjoint mean."""
+         densities: Sequence[float], lam: float = 1.0, normalize: bool = True,
+         rescale: bool = False) -> torch.Tensor:
+    """TIES: trim each delta to its top-`density` magnitudes, elect signs, disjoint mean.
+
+    `rescale` (off by default, as in mergekit) scales each trimmed delta back to its L1 norm."""
     deltas = []
     for model, density in zip(models, densities, strict=True):
         delta = model.float() - base.float()
-        deltas.append(delta * magnitude_mask(delta, density))
+        if density >= 1:
+            deltas.append(delta)
+            continue
+        mask = magnitude_mask(delta, density)
+        deltas.append(rescale_l1(delta, mask) if rescale else delta * mask)
     return base.float() + lam * mix_deltas(deltas, weights, consensus=True, normalize=normalize)
 
 

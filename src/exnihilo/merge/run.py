@@ -44,7 +44,7 @@ from exnihilo.merge.config import (
     load_config,
     lookup,
 )
-from exnihilo.merge.io import (
+from exnihilo.merge.shards import (
     LAYER_RE,
     NAME_TO_TORCH,
     ModelSource,
@@ -146,12 +146,18 @@ def check_same_tensor(name: str, names: Sequence[str], models: Sequence[ModelSou
     return shape
 
 
-def _as_slices(config: MergeConfig, models: dict[str, ModelSource]) -> list[SliceSpec]:
+def _as_slices(config: MergeConfig, models: dict[str, ModelSource], where: str
+               ) -> list[SliceSpec]:
     """`models:` becomes one slice over all layers (the base added when the method needs it
     and it is not listed), as mergekit normalises it."""
     if config.slices is not None:
         return config.slices
     assert config.models is not None
+    counts = {ref: models[ref].num_layers for ref in config.referenced_models()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{ref} has {n}" for ref, n in counts.items())
+        raise ExnihiloError(f"{where}: models have different numbers of layers ({listed}); merge "
+                            f"matching layers with slices and layer_range")
     sources = [SourceSpec(model=s.model, layer_range=(0, models[s.model].num_layers),
                           parameters=s.parameters) for s in config.models]
     if config.merge_method in NEEDS_BASE and config.base_model not in \
@@ -230,18 +236,25 @@ def plan_merge(config: MergeConfig, where: str = "merge config",
     """Every output tensor's inputs and parameters, from headers and configs only."""
     models = open_models(config.referenced_models(), config_dir, where)
     check_same_architecture(list(models.values()), where)
-    slices = _as_slices(config, models)
+    slices = _as_slices(config, models, where)
     for i, spec in enumerate(slices):
         _check_slice(spec, i, config, models, where)
 
     reference = models[config.base_model] if config.base_model else \
         models[slices[0].sources[0].model]
-    ref_names = list(reference.tensors)
-    pre = [n for n in ref_names if not LAYER_RE.match(n) and "embed" in n]
-    post = [n for n in ref_names if not LAYER_RE.match(n) and "embed" not in n]
-    stored = reference.tensors[ref_names[0]].dtype
-    out_dtype = NAME_TO_TORCH[config.out_dtype or config.dtype] \
-        if (config.out_dtype or config.dtype) else stored
+    outside = [n for n in reference.tensors if not LAYER_RE.match(n)]
+    for model in models.values():  # e.g. an untied lm_head against a tied one
+        extra = set(model.tensors_outside_layers()) ^ set(outside)
+        if extra:
+            name = sorted(extra)[0]
+            has, lacks = (model, reference) if name in model.tensors else (reference, model)
+            raise ExnihiloError(f"{where}: tensor {name} is in {has.ref} but not in "
+                                f"{lacks.ref} (different architectures?)")
+    pre = [n for n in outside if "embed" in n]
+    post = [n for n in outside if "embed" not in n]
+    configured = config.out_dtype or config.dtype
+    first_tensor = reference.tensors[next(iter(reference.tensors))]
+    out_dtype = NAME_TO_TORCH[configured] if configured else first_tensor.dtype
 
     def base_index(spec: SliceSpec) -> int | None:
         base = spec.base_model or config.base_model
@@ -262,8 +275,11 @@ def plan_merge(config: MergeConfig, where: str = "merge config",
                 if float(p["density"]) < 1 and int(float(p["density"]) * _numel(shape)) == 0:
                     raise ExnihiloError(f"{where}: {source.model}: density {p['density']} "
                                         f"keeps no entry of {out_name}")
+        # without a configured dtype each tensor keeps the stored dtype of the base (or the
+        # first source), as mergekit casts results back to the base's dtype
+        stored = sources[base or 0].tensors[in_names[base or 0]].dtype
         return TensorJob(out_name, in_names, sources, base, options, per_model, shape,
-                         out_dtype)
+                         NAME_TO_TORCH[configured] if configured else stored)
 
     jobs = [job(n, [n] * len(slices[0].sources), slices[0], 0.0) for n in pre]
     out_layer = 0
@@ -275,6 +291,13 @@ def plan_merge(config: MergeConfig, where: str = "merge config",
             first = spec.sources[0]
             src_layer = first.layer_range[0] + offset  # type: ignore[index]
             suffixes = _layer_suffixes(models[first.model], src_layer)
+            for source in spec.sources[1:]:
+                theirs = _layer_suffixes(models[source.model],
+                                         source.layer_range[0] + offset)  # type: ignore
+                if set(theirs) != set(suffixes):
+                    odd = sorted(set(theirs) ^ set(suffixes))[0]
+                    raise ExnihiloError(f"{where}: layer tensors differ: {odd[0]}N{odd[1]} is "
+                                        f"in only one of {first.model}, {source.model}")
             for prefix, suffix in suffixes:
                 in_names = [f"{prefix}{s.layer_range[0] + offset}{suffix}"  # type: ignore
                             for s in spec.sources]
@@ -338,7 +361,8 @@ def merge_tensor(method: str, job: TensorJob, tensors: list[torch.Tensor],
     if method == "task_arithmetic":
         return methods.task_arithmetic(base, models, weights, lam, normalize)
     if method == "ties":
-        return methods.ties(base, models, weights, densities, lam, normalize)
+        return methods.ties(base, models, weights, densities, lam, normalize,
+                            rescale=bool(opts["rescale"]))
     if method in ("dare_ties", "dare_linear"):
         generators = [torch.Generator().manual_seed(tensor_seed(seed, job.out_name, i))
                       for i in others]

@@ -192,6 +192,9 @@ class ModelSource:
         archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
         return str(archs[0])
 
+    def tensors_outside_layers(self) -> list[str]:
+        return [n for n in self.tensors if not LAYER_RE.match(n)]
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor in float32, with the LoRA update (if any) merged in."""
         if self.lora is not None and name in self.lora.replaced:
