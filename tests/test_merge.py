@@ -89,6 +89,8 @@ def test_ties_trim_and_weighted_vote():
     one, other = torch.tensor([1.0]), torch.tensor([-0.5])
     assert methods.ties(torch.zeros(1), [one, other], [1, 1], [1, 1]).tolist() == [1.0]
     assert methods.ties(torch.zeros(1), [one, other], [1, 3], [1, 1]).tolist() == [-0.5]
+    # a tie (Σ wδ = 0) elects +, as mergekit's `>= 0`
+    assert methods.ties(torch.zeros(1), [one, -one], [1, 1], [1, 1]).tolist() == [1.0]
 
 
 def test_ties_optional_l1_rescale():
