@@ -93,6 +93,22 @@ def test_ties_trim_and_weighted_vote():
     assert methods.ties(torch.zeros(1), [one, -one], [1, 1], [1, 1]).tolist() == [1.0]
 
 
+def test_magnitude_mask_keeps_exactly_the_top_k():
+    delta = torch.tensor([1.0, -1.0, 1.0, 0.5, 0.0])
+    # k = int(0.5·5) = 2 of three equal magnitudes: the first two win
+    assert methods.magnitude_mask(delta, 0.5).tolist() == [True, True, False, False, False]
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    mask = methods.magnitude_mask(x, 0.3)
+    top = set(np.argsort(-x.abs().numpy())[:3000].tolist())
+    assert set(mask.nonzero().squeeze(1).tolist()) == top
+    # the bisection used for large tensors finds the same k-th magnitude as topk
+    for k in (1, 2999, 3000, 10_000):
+        bisected = methods.kth_largest_magnitude(x, k, chunk=1000, small=0)
+        assert bisected == methods.kth_largest_magnitude(x, k), k
+    zeros = methods.magnitude_mask(torch.zeros(7), 0.5)  # all ties at zero: still exactly k
+    assert int(zeros.sum()) == 3
+
+
 def test_ties_optional_l1_rescale():
     base, delta = torch.zeros(4), torch.tensor([4.0, -1.0, 2.0, 1.0])
     # density .5 keeps 4 and 2 (L1 6 of 8); rescale multiplies them by 8/6

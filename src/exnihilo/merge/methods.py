@@ -96,15 +96,62 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float],
     return result
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the k = int(density·numel) entries of largest magnitude (TIES trim)."""
+def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """|values| as float32 bit patterns: non-negative floats order like these integers."""
+    return values.float().abs().view(torch.int32)
+
+
+def kth_largest_magnitude(values: torch.Tensor, k: int, chunk: int = 1 << 20,
+                          small: int = 1 << 22) -> int:
+    """The float32 bit pattern of the k-th largest |entry| of a tensor.
+
+    Up to `small` entries, torch.topk. Above, where topk's int64 indices (and a full |x|
+    copy) would cost up to three times the tensor itself, a bisection over the 31-bit
+    patterns: ~31 counting passes, each over chunks, so the temporaries stay chunk-sized."""
+    flat = values.reshape(-1)
+    if flat.numel() <= small:
+        return int(torch.topk(flat.float().abs(), k, sorted=False).values.min()
+                   .view(torch.int32))
+    starts = range(0, flat.numel(), chunk)
+
+    def kept(threshold: int) -> int:
+        return sum(int((_magnitude_bits(flat[s:s + chunk]) >= threshold).sum())
+                   for s in starts)
+
+    lo = 0
+    hi = max(int(_magnitude_bits(flat[s:s + chunk]).max()) for s in starts)
+    while lo < hi:  # the largest threshold that still keeps at least k entries
+        mid = (lo + hi + 1) // 2
+        if kept(mid) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, chunk: int = 1 << 20) -> torch.Tensor:
+    """Boolean mask of the k = int(density·numel) entries of largest magnitude (TIES trim).
+
+    Exactly k entries are kept; among equal magnitudes at the threshold the first ones (in
+    memory order) win."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     k = int(density * delta.numel())
     if k <= 0:
         raise ValueError(f"density {density} keeps no entry of a {delta.numel()}-entry tensor")
-    mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    mask[torch.topk(delta.reshape(-1).abs().float(), k, sorted=False).indices] = True
+    threshold = kth_largest_magnitude(delta, k, chunk)
+    flat = delta.reshape(-1)
+    mask = torch.empty(flat.numel(), dtype=torch.bool)
+    for start in range(0, flat.numel(), chunk):
+        mask[start:start + chunk] = _magnitude_bits(flat[start:start + chunk]) > threshold
+    missing = k - int(mask.sum())
+    for start in range(0, flat.numel(), chunk):  # fill up with entries equal to the threshold
+        if missing <= 0:
+            break
+        bits = _magnitude_bits(flat[start:start + chunk])
+        ties = (bits == threshold).nonzero().squeeze(1)[:missing]
+        mask[start + ties] = True
+        missing -= ties.numel()
     return mask.view(delta.shape)
 
 
@@ -120,12 +167,18 @@ def rescale_l1(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """δ·mask scaled so its L1 norm equals δ's (mergekit's DARE rescale, PR #245).
 
     Left unscaled when either norm is below 1e-7, as mergekit does."""
-    masked = delta.float() * mask
-    before = delta.float().abs().sum().item()
-    after = masked.abs().sum().item()
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return masked
-    return masked.mul_(before / after)
+    return _mask_(delta.float().clone(), mask, rescale=True)
+
+
+def _mask_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """Zero `delta` outside `mask` in place, optionally restoring its L1 norm."""
+    before = delta.abs().sum().item() if rescale else 0.0
+    delta.mul_(mask)
+    if rescale:
+        after = delta.abs().sum().item()
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    return delta
 
 
 def sign_consensus(weighted_deltas: torch.Tensor) -> torch.Tensor:
@@ -133,8 +186,8 @@ def sign_consensus(weighted_deltas: torch.Tensor) -> torch.Tensor:
 
     The majority sign is +1 where Σᵢ wᵢδᵢ ≥ 0 and −1 elsewhere (so the weights vote, mergekit
     issue #474); zero entries never match and are thus excluded from the mean."""
-    majority = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0)
-    return weighted_deltas.sign() == majority
+    positive = weighted_deltas.sum(dim=0) >= 0
+    return torch.where(positive, weighted_deltas > 0, weighted_deltas < 0)
 
 
 def mix_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool,
@@ -143,30 +196,57 @@ def mix_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], consens
 
     With consensus the divisor is per entry, Σ wᵢ·maskᵢ, and 0 where no delta survives is
     replaced by 1 (the entry then stays at the base value)."""
-    stacked = torch.stack([d.float() for d in deltas])
-    w = torch.tensor([float(x) for x in weights]).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked.mul_(w)  # stacked is ours: scale in place
-    if consensus:
-        mask = sign_consensus(weighted)
-        mixed = (weighted * mask).sum(dim=0)
-        if normalize:
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
-        return mixed
-    mixed = weighted.sum(dim=0)
-    if normalize:
+    return _mix_stacked_(torch.stack([d.float() for d in deltas]), weights, consensus,
+                         normalize)
+
+
+def _mix_stacked_(stacked: torch.Tensor, weights: Sequence[float], consensus: bool,
+                  normalize: bool, chunk: int = 1 << 20) -> torch.Tensor:
+    """`mix_deltas` on a [M, ...] float32 tensor that it may overwrite (saves M copies)."""
+    for row, weight in zip(stacked, weights, strict=True):
+        row.mul_(float(weight))
+    if not consensus:
+        mixed = stacked.sum(dim=0)
         total = float(sum(weights))
-        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
-    return mixed
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
+        return mixed
+    # The sign election is element-wise, so it runs over chunks: the temporaries (sums,
+    # masks) stay small however large the tensor.
+    flat = stacked.view(stacked.shape[0], -1)
+    mixed = torch.zeros(flat.shape[1])
+    w = torch.tensor([float(x) for x in weights]).view(-1, 1)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start:start + chunk]
+        keep = sign_consensus(part)
+        mixed[start:start + chunk] = (part * keep).sum(dim=0)
+        if normalize:
+            divisor = (w * keep).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed[start:start + chunk] /= divisor
+    return mixed.view(stacked.shape[1:])
+
+
+def _stacked_deltas(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[M, ...] float32 tensor of θᵢ − θ_base, computed straight into one buffer."""
+    stacked = torch.empty((len(models), *base.shape))
+    for row, model in zip(stacked, models, strict=True):
+        torch.sub(model.float(), base.float(), out=row)
+    return stacked
+
+
+def _apply_base_(mixed: torch.Tensor, base: torch.Tensor, lam: float) -> torch.Tensor:
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base.float())
 
 
 def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor],
                     weights: Sequence[float], lam: float = 1.0,
                     normalize: bool = False) -> torch.Tensor:
     """θ_base + λ·Σ wᵢ(θᵢ − θ_base) (divided by Σ wᵢ when normalize)."""
-    deltas = [m.float() - base.float() for m in models]
-    return base.float() + lam * mix_deltas(deltas, weights, consensus=False, normalize=normalize)
+    mixed = _mix_stacked_(_stacked_deltas(base, models), weights, False, normalize)
+    return _apply_base_(mixed, base, lam)
 
 
 def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
@@ -175,15 +255,11 @@ def ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     """TIES: trim each delta to its top-`density` magnitudes, elect signs, disjoint mean.
 
     `rescale` (off by default, as in mergekit) scales each trimmed delta back to its L1 norm."""
-    deltas = []
-    for model, density in zip(models, densities, strict=True):
-        delta = model.float() - base.float()
-        if density >= 1:
-            deltas.append(delta)
-            continue
-        mask = magnitude_mask(delta, density)
-        deltas.append(rescale_l1(delta, mask) if rescale else delta * mask)
-    return base.float() + lam * mix_deltas(deltas, weights, consensus=True, normalize=normalize)
+    stacked = _stacked_deltas(base, models)
+    for row, density in zip(stacked, densities, strict=True):
+        if density < 1:  # mergekit skips sparsification (and its rescale) at density 1
+            _mask_(row, magnitude_mask(row, density), rescale)
+    return _apply_base_(_mix_stacked_(stacked, weights, True, normalize), base, lam)
 
 
 def dare(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float],
@@ -193,16 +269,11 @@ def dare(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[f
     """DARE: drop each delta entry with probability 1 − density, rescale to the original L1
     norm, then mix like task arithmetic (`dare_linear`) or with TIES sign consensus
     (`dare_ties`). One generator per model makes the drop reproducible."""
-    deltas = []
-    for model, density, gen in zip(models, densities, generators, strict=True):
-        delta = model.float() - base.float()
-        if density >= 1:  # mergekit skips sparsification (and its rescale) at density 1
-            deltas.append(delta)
-            continue
-        mask = random_mask(delta, density, gen)
-        deltas.append(rescale_l1(delta, mask) if rescale else delta * mask)
-    return base.float() + lam * mix_deltas(deltas, weights, consensus=consensus,
-                                           normalize=normalize)
+    stacked = _stacked_deltas(base, models)
+    for row, density, gen in zip(stacked, densities, generators, strict=True):
+        if density < 1:
+            _mask_(row, random_mask(row, density, gen), rescale)
+    return _apply_base_(_mix_stacked_(stacked, weights, consensus, normalize), base, lam)
 
 
 def evaluate_gradient(values: Sequence[float], t: float) -> float:
