@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import time
 from collections.abc import Sequence
@@ -272,7 +273,7 @@ def plan_merge(config: MergeConfig, where: str = "merge config",
         options, per_model = _resolve_parameters(config, spec, out_name, t, base, where)
         if config.merge_method == "ties":
             for p, source in zip(per_model, spec.sources, strict=True):
-                if float(p["density"]) < 1 and int(float(p["density"]) * _numel(shape)) == 0:
+                if float(p["density"]) < 1 and int(float(p["density"]) * math.prod(shape)) == 0:
                     raise ExnihiloError(f"{where}: {source.model}: density {p['density']} "
                                         f"keeps no entry of {out_name}")
         # without a configured dtype each tensor keeps the stored dtype of the base (or the
@@ -323,13 +324,6 @@ def _layer_suffixes(model: ModelSource, layer: int) -> list[tuple[str, str]]:
         if match and int(match["idx"]) == layer:
             found.append((match["pre"], match["post"]))
     return found
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --- execution ---------------------------------------------------------------------------
@@ -392,8 +386,8 @@ def execute_plan(plan: MergePlan, out: Path) -> MergeSummary:
         copied = copy_side_files(plan.reference, plan.tokenizer_folder, tmp)
         if plan.config_text is not None:
             (tmp / "merge_config.yaml").write_text(plan.config_text)
-    return MergeSummary(out, plan.method, len(plan.jobs), sum(_numel(j.shape) for j in
-                                                             plan.jobs),
+    parameters = sum(math.prod(j.shape) for j in plan.jobs)
+    return MergeSummary(out, plan.method, len(plan.jobs), parameters,
                         time.perf_counter() - started, peak_rss_mb(), copied)
 
 
@@ -401,6 +395,7 @@ def merge(config_path: str | Path, out: str | Path, seed: int = 0) -> MergeSumma
     """Merge the models a mergekit YAML describes into the new folder `out`."""
     config_path = Path(config_path)
     config = load_config(config_path)
+    check_new_folder(Path(out), [])  # fail fast; execute_plan checks again against inputs
     plan = plan_merge(config, str(config_path), config_path.parent, seed)
     plan.config_text = config_path.read_text(encoding="utf-8")
     return execute_plan(plan, Path(out))
@@ -481,7 +476,7 @@ def warp_sweep(init: str, policies: Sequence[str], etas: Sequence[float],
         for folder in folders:
             folder.mkdir()
         _write_warp(init_model, policy_models, etas, folders, policies)
-    total = sum(_numel(info.shape) for info in init_model.tensors.values())
+    total = sum(math.prod(info.shape) for info in init_model.tensors.values())
     seconds = time.perf_counter() - started
     return [MergeSummary(out / eta_folder_name(eta), f"warp eta={eta:g}",
                          len(init_model.tensors), total, seconds, peak_rss_mb())
@@ -497,6 +492,6 @@ def warp(init: str, policies: Sequence[str], eta: float, out: str | Path) -> Mer
     check_new_folder(out, [init_model.folder, *(p.folder for p in policy_models)])
     with atomic_folders([out]) as (tmp,):
         _write_warp(init_model, policy_models, [eta], [tmp], policies)
-    total = sum(_numel(info.shape) for info in init_model.tensors.values())
+    total = sum(math.prod(info.shape) for info in init_model.tensors.values())
     return MergeSummary(out, f"warp eta={eta:g}", len(init_model.tensors), total,
                         time.perf_counter() - started, peak_rss_mb())
