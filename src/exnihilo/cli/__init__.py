@@ -49,7 +49,7 @@ def _register_optional() -> None:
             continue
         app.add_typer(mod.app, name=name)
     for module, command in (("report", "report"), ("generate", "generate"),
-                            ("demo", "demo")):
+                            ("demo", "demo"), ("merge", "merge"), ("merge", "warp")):
         try:
             mod = importlib.import_module(f"exnihilo.cli.{module}")
         except ModuleNotFoundError as e:
