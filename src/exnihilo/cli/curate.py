@@ -123,11 +123,11 @@ def filter_command(
 ) -> None:
     """Keep the records that pass every --where rule; show what each rule removed."""
     from exnihilo.curate.filters import apply_filters, parse_rule
+    from exnihilo.outputs import check_output
     from exnihilo.records import read_any, write_jsonl_atomic
 
     rules = [parse_rule(w) for w in where]  # fail on a bad rule before reading any data
-    if out.exists() and out.resolve() == data.resolve():
-        raise ExnihiloError(f"{out}: output is the input file; choose another -o")
+    check_output(out, [data])
     records = read_any(data)
     if not records:
         raise ExnihiloError(f"{data}: no records (empty file)")

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from exnihilo.cli.common import (
     MODEL_HELP,
@@ -38,7 +38,7 @@ def _warn_if_weak(judge_name: str) -> None:
 
     warning = judge_warning(judge_name)
     if warning:
-        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}",
+        err_console.print(Text.assemble(("warning:", "bold yellow"), f" {warning}"),
                           highlight=False)
 
 
@@ -53,7 +53,7 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
 
 def _print_unparseable(examples: list[str]) -> None:
     for raw in examples:
-        console.print(f"  [dim]unparseable answer:[/dim] {escape(repr(raw[:200]))}",
+        console.print(Text.assemble(("  unparseable answer:", "dim"), f" {raw[:200]!r}"),
                       highlight=False)
 
 

@@ -46,6 +46,7 @@ def generate_command(
     The reference answer stays in meta.reference, so `exnihilo eval judge` can score
     against it."""
     from rich.table import Table
+    from rich.text import Text
 
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import (
@@ -73,12 +74,9 @@ def generate_command(
         table.add_row(key, str(value))
     console.print(table)
     for record in results[:show]:
-        console.print("[bold]user:[/bold] " + _escape(record["messages"][-2]["content"][:300]))
-        console.print("[bold]answer:[/bold] " + _escape(record["messages"][-1]["content"][:400]))
+        console.print(Text.assemble(("user:", "bold"), " ",
+                                    record["messages"][-2]["content"][:300]))
+        console.print(Text.assemble(("answer:", "bold"), " ",
+                                    record["messages"][-1]["content"][:400]))
         console.print()
 
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -80,6 +80,7 @@ def magpie_command(
 
 def print_summary(summary: dict, show: int) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"magpie → {summary['out']}", show_header=False)
     for key in ("requested", "written_this_run", "already_present", "total", "candidates",
@@ -90,7 +91,8 @@ def print_summary(summary: dict, show: int) -> None:
     console.print(table)
     for record in summary.get("examples", [])[:show]:
         for m in record["messages"]:
-            console.print(f"[bold]{m['role']}[/bold]: {m['content'][:400]}", highlight=False)
+            console.print(Text.assemble((m["role"], "bold"), ": ", m["content"][:400]),
+                          highlight=False)
         console.print()
 
 
