@@ -72,7 +72,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), option: str
     out = Path(out)
     for inp in inputs:
         if inp is not None and Path(inp).exists() and same_file(out, inp):
-            raise ExnihiloError(f"{out}: {option} is the input file {inp}; choose another "
+            raise ExnihiloError(f"{out}: output is the input file {inp}; choose another "
                                 f"{option} (nothing was changed)")
     check_writable(out)
 

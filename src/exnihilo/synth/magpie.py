@@ -23,6 +23,7 @@ from exnihilo.engines.base import Completion, Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.progress import note
 from exnihilo.records import JsonlAppender, Record, make_record, write_jsonl_atomic
+from exnihilo.resume import ResumableOutput
 from exnihilo.templates import TemplateInfo, next_user_prefix, template_info
 
 
@@ -166,21 +167,38 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name + ".summary.json")
 
 
+def magpie_settings(generator: str, config: MagpieConfig) -> dict[str, Any]:
+    """The settings that change which records a run writes (not -n or the batch size):
+    a resumed output must have been made with exactly these."""
+    return {"generator": generator, "turns": config.turns, "system": config.system,
+            "use_default_system": config.use_default_system, "seed": config.seed,
+            "min_words": config.min_words, "instruction": config.instruction.public(),
+            "response": config.response.public()}
+
+
 def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | Path
                ) -> dict[str, Any]:
     """Fill `out` with `config.n` unique Magpie records (resuming whatever is there)."""
     out = Path(out)
     info = template_info(tokenizer, system=config.system,
                          use_default_system=config.use_default_system)
-    writer = JsonlAppender(out)
+    settings = dict(magpie_settings(engine.name, config), template=info.pre_query)
+    with ResumableOutput(out, "synth magpie", settings,
+                         sidecars=[skipped_path(out)]) as output:
+        return _fill(engine, tokenizer, info, config, out, output)
+
+
+def _fill(engine: Engine, tokenizer: Any, info: TemplateInfo, config: MagpieConfig, out: Path,
+          output: ResumableOutput) -> dict[str, Any]:
     skip_log = JsonlAppender(skipped_path(out))
-    existing = writer.existing()
-    ids = {r["id"] for r in existing}
-    attempted = {r.get("meta", {}).get("index") for r in existing}
+    existing = output.rows
+    ids = set(output.keys)
+    attempted = {(r.get("meta") or {}).get("index") for r in existing}
     previous_skips = skip_log.existing()
-    attempted |= {s.get("index") for s in previous_skips}
+    attempted |= {s.get("index") for s in previous_skips if isinstance(s, dict)}
     already = len(ids)
     if already > config.n:
+        skip_log.close()
         raise ExnihiloError(f"{out} already holds {already} records, more than -n {config.n}")
 
     meta_base = {
@@ -237,7 +255,7 @@ def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | 
                     len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
                     for m in record["messages"] if m["role"] != "system")
                 generated_tokens += record["meta"]["tokens"]
-                writer.append(record)
+                output.append(record)
                 ids.add(record["id"])
                 written += 1
                 if len(examples) < 5:
@@ -248,7 +266,6 @@ def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | 
             note(f"magpie: {len(ids)}/{config.n} records after {candidates} candidates "
                  f"({sum(skipped_counts.values())} discarded so far)")
     finally:
-        writer.close()
         skip_log.close()
     elapsed = time.perf_counter() - start
     summary = {
