@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from exnihilo.assemble import build_engine, check_engine  # noqa: F401  (re-exported)
 from exnihilo.errors import ExnihiloError
 
 # markup=False: file names, rules and generated text are data, never terminal markup
@@ -113,22 +114,6 @@ def concurrency_option() -> Any:
 
 def dtype_option() -> Any:
     return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
-
-
-def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: int = 32,
-                 base_urls: list[str] | None = None, concurrency: int = 8,
-                 label: str = "generating") -> Any:
-    from exnihilo.engines import make_engine
-
-    if engine == "transformers":
-        return make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
-                           progress_label=label)
-    if engine == "openai":
-        if not base_urls:
-            raise ExnihiloError("--engine openai needs at least one --base-url")
-        return make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
-                           progress_label=label)
-    raise ExnihiloError(f"unknown engine {engine!r} (known: transformers, openai)")
 
 
 def models_command() -> None:
