@@ -32,7 +32,7 @@ from typing import Any
 
 from exnihilo import outputs
 from exnihilo.errors import ExnihiloError
-from exnihilo.records import JsonlAppender, Record, content_id, iter_jsonl
+from exnihilo.records import JsonlAppender, Record, content_id
 
 SETTINGS_VERSION = 1
 
@@ -109,6 +109,7 @@ class ResumableOutput:
         self.keys: set[str] = set()
         self._appender: JsonlAppender | None = None
         self._lock: outputs.OutputLock | None = None
+        self._wrote_settings = False
 
     # -- opening
 
@@ -175,6 +176,7 @@ class ResumableOutput:
         body = {"command": self.command, "version": SETTINGS_VERSION,
                 "settings": _plain(self.settings)}
         outputs.write_text_atomic(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+        self._wrote_settings = True
 
     # -- writing
 
@@ -188,6 +190,9 @@ class ResumableOutput:
         if self._appender is not None:
             self._appender.close()
             self._appender = None
+        if self._wrote_settings and not self.has_state():
+            settings_path(self.out).unlink(missing_ok=True)  # a run that wrote nothing
+            self._wrote_settings = False
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -209,10 +214,7 @@ def check_resumable(out: str | Path, command: str, settings: Mapping[str, Any] |
     ro = ResumableOutput(out, command, settings, inputs=inputs, sidecars=sidecars)
     for path in (ro.out, *ro.sidecars):
         outputs.check_output(path, ro.inputs)
-    with outputs.OutputLock(ro.out):
-        if ro.out.exists() and not outputs.is_special(ro.out):
-            for lineno, _ in iter_jsonl(ro.out):
-                del lineno  # parse every line: a malformed one is an error now, not later
+    with outputs.OutputLock(ro.out):  # free now (it is taken again when the run opens it)
         ro.check_settings(partial=True)
 
 

@@ -76,12 +76,14 @@ def judge_command(
 
     ch07's judge prompt with the texts fenced as data, temperature 0, a fixed seed.
     Unreadable judge answers are counted and shown, never dropped."""
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import judge_scores, judge_summary, read_generations
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
     out = out or file.with_name(f"{file.stem}.judged.jsonl")
-    check_writable(out)
+    check_engine(engine, base_url)
+    check_resumable(out, "eval judge", None, inputs=[file])
     records = read_generations(file)
     _warn_if_weak(judge)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -116,13 +118,15 @@ def pairwise_command(
 
     Each shared prompt is judged with A's answer first, then B's; a win needs both orders
     to agree. Prints wins/ties/losses, win rate and position consistency."""
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.errors import ExnihiloError
     from exnihilo.evaluate import match_by_prompt, pairwise_compare, read_generations
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
     out = out or a.with_name(f"{a.stem}.vs.{b.stem}.pairwise.jsonl")
-    check_writable(out)
+    check_engine(engine, base_url)
+    check_resumable(out, "eval pairwise", None, inputs=[a, b])
     records_a, records_b = read_generations(a), read_generations(b)
     if not match_by_prompt(records_a, records_b)[0]:  # before loading a judge
         raise ExnihiloError(f"{a} and {b} share no prompt: generate both from the same eval "
@@ -160,10 +164,11 @@ def perplexity_command(
 
     Only answer tokens count (with the end-of-turn/EOS token). Lower is better."""
     from exnihilo.evaluate import load_eval_set, model_perplexity
-    from exnihilo.records import check_writable, write_jsonl_atomic
+    from exnihilo.outputs import check_output
+    from exnihilo.records import write_jsonl_atomic
 
     if out is not None:
-        check_writable(out)
+        check_output(out, [data])
     records = load_eval_set(data, limit=limit, offset=offset)
     rows, summary = model_perplexity(model, records, style=style, dtype=dtype,
                                      batch_size=batch_size, max_length=max_length)

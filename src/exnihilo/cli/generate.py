@@ -48,6 +48,7 @@ def generate_command(
     from rich.table import Table
     from rich.text import Text
 
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import (
         generate_responses,
@@ -55,9 +56,10 @@ def generate_command(
         load_eval_set,
         resolve_style,
     )
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
-    check_writable(out)
+    check_engine(engine, base_url)
+    check_resumable(out, "generate", None, inputs=[data])  # input clash, lock, torn file
     records = load_eval_set(data, limit=limit, offset=offset)  # fail before loading a model
     style = resolve_style(style, model)
     params = SamplingParams(temperature=temperature, top_p=top_p,

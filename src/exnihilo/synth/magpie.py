@@ -285,3 +285,80 @@ def _fill(engine: Engine, tokenizer: Any, info: TemplateInfo, config: MagpieConf
     write_jsonl_atomic(summary_path(out), [summary])
     summary["examples"] = examples
     return summary
+
+
+# ----------------------------------------------------------------------------- the command
+
+class MagpieJob(BaseModel):
+    """Everything `exnihilo synth magpie` takes."""
+
+    n: int
+    out: Path
+    model: str = "smollm2-135m-instruct"
+    engine: str = "transformers"
+    base_url: list[str] = Field(default_factory=list)
+    concurrency: int = 8
+    template_from: str | None = None
+    turns: int = 1
+    system: str | None = None
+    no_system: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    dtype: str = "float32"
+    instruction_max_tokens: int = 128
+    response_max_tokens: int = 384
+    instruction_temperature: float = 1.0
+    response_temperature: float = 0.7
+    response_top_p: float = 0.9
+
+
+def validate_magpie_job(job: MagpieJob) -> MagpieConfig:
+    """Check every option, the output, its lock and its resume settings; nothing loads."""
+    from pydantic import ValidationError
+
+    from exnihilo.assemble import check_engine
+    from exnihilo.resume import check_resumable
+
+    if job.n <= 0:
+        raise ExnihiloError(f"-n must be positive, got {job.n}")
+    if job.system and job.no_system:
+        raise ExnihiloError("--system and --no-system contradict each other")
+    check_engine(job.engine, job.base_url)
+    for name, value in (("--instruction-max-tokens", job.instruction_max_tokens),
+                        ("--response-max-tokens", job.response_max_tokens),
+                        ("--batch-size", job.batch_size), ("--concurrency", job.concurrency)):
+        if value < 1:
+            raise ExnihiloError(f"{name} must be at least 1, got {value}")
+    try:
+        config = MagpieConfig(
+            n=job.n, turns=job.turns, system=job.system, use_default_system=not job.no_system,
+            seed=job.seed, round_size=job.batch_size,
+            instruction=SamplingParams(temperature=job.instruction_temperature, top_p=1.0,
+                                       max_new_tokens=job.instruction_max_tokens),
+            response=SamplingParams(temperature=job.response_temperature,
+                                    top_p=job.response_top_p,
+                                    max_new_tokens=job.response_max_tokens))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ExnihiloError(f"invalid option {'.'.join(map(str, first['loc']))}: "
+                            f"{first['msg']}") from None
+    check_resumable(job.out, "synth magpie",
+                    magpie_settings(f"{job.engine}:{job.model}", config),
+                    sidecars=[skipped_path(job.out)])
+    return config
+
+
+def run_magpie_job(job: MagpieJob, config: MagpieConfig) -> dict[str, Any]:
+    """Load the model (and the template's tokenizer) and fill the output."""
+    from exnihilo.assemble import build_engine
+    from exnihilo.models import load_tokenizer
+
+    if job.engine == "openai":
+        tokenizer = load_tokenizer(job.template_from or "smollm2-135m-instruct")
+        gen = build_engine(job.engine, job.model, base_urls=job.base_url,
+                           concurrency=job.concurrency)
+    else:
+        gen = build_engine(job.engine, job.model, dtype=job.dtype, batch_size=job.batch_size,
+                           label="magpie")
+        tokenizer = load_tokenizer(job.template_from) if job.template_from else gen.tokenizer
+    return synthesize(gen, tokenizer, config, job.out)
