@@ -416,6 +416,10 @@ def test_validation_before_loading(tmp_path):
              "cannot resume it safely"),
             (["synth", "magpie", "-n", "2", "-o", "m.jsonl", "--engine", "openai"],
              "needs at least one --base-url"),
+            (["synth", "magpie", "-n", "2", "-o", "m.jsonl", "-m", missing, "--dtype", "fp8"],
+             "--dtype 'fp8'"),
+            (["curate", "tag", data, "-o", "t.jsonl", "--judge", missing, "--dtype", "fp8"],
+             "--dtype 'fp8'"),
             (["generate", "--data", data, "-o", data, "-m", missing], "output is the input")):
         line = one_error_line(cli(*args, cwd=tmp_path))
         assert message in line
@@ -460,3 +464,31 @@ def test_ingest_skips_symlinks_out_of_the_folder_and_oversized_files(tmp_path, m
     monkeypatch.setattr(Path, "open", counting_open)
     assert ingest.read_text_file(blob) is None
     assert sum(read) <= ingest.BINARY_SNIFF_BYTES
+
+
+def test_process_resumable_is_a_drop_in_for_evaluate(tmp_path):
+    """The shared helper evaluate can switch to: reuses finished results, refuses rows the
+    per-row check rejects and files made with other settings, processes duplicates once."""
+    from exnihilo.resume import process_resumable
+
+    items = [{"id": k} for k in ("a", "b", "a", "c")]
+    calls: list[list[str]] = []
+
+    def process(batch):
+        calls.append([r["id"] for r in batch])
+        return [{"id": r["id"], "v": r["id"].upper()} for r in batch]
+
+    out = tmp_path / "o.jsonl"
+    results, reused = process_resumable(items[:2], lambda r: r["id"], process, out, 1,
+                                        settings={"m": 1})
+    assert (reused, calls) == (0, [["a"], ["b"]])
+    results, reused = process_resumable(items, lambda r: r["id"], process, out, 8,
+                                        settings={"m": 1})
+    assert reused == 3 and calls[-1] == ["c"]  # "a" twice in the input: reused twice
+    assert [r["v"] for r in results] == ["A", "B", "A", "C"]
+    with pytest.raises(ExnihiloError, match="m: 1 → 2"):
+        process_resumable(items, lambda r: r["id"], process, out, 8, settings={"m": 2})
+    with pytest.raises(ExnihiloError, match="o.jsonl:1: not mine"):
+        process_resumable(items, lambda r: r["id"], process, out, 8,
+                          mismatch=lambda r: "not mine", settings={"m": 1})
+    assert out.read_text().count("\n") == 3

@@ -13,8 +13,13 @@ from exnihilo.errors import ExnihiloError
 ENGINES = ("transformers", "openai")
 
 
-def check_engine(engine: str, base_urls: list[str] | None) -> None:
+def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = None) -> None:
     """Engine options that are wrong whatever the model: checked before anything loads."""
+    if dtype is not None and engine == "transformers":
+        from exnihilo.models import DTYPES
+
+        if dtype not in DTYPES:
+            raise ExnihiloError(f"--dtype {dtype!r}: known {', '.join(DTYPES)}")
     if engine not in ENGINES:
         raise ExnihiloError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     if engine == "openai" and not base_urls:

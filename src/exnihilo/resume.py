@@ -234,8 +234,9 @@ def process_resumable(items: list[Record], key: Callable[[Record], str],
     done: dict[str, Record] = {}
     output = None
     if out is not None:
-        output = ResumableOutput(out, command or "resumable", settings, inputs=inputs,
-                                 key=key).open()
+        # rows are keyed by `key` only after `mismatch` vouched for them (a foreign row may
+        # not even have the fields `key` reads)
+        output = ResumableOutput(out, command or "resumable", settings, inputs=inputs).open()
         for lineno, old in enumerate(output.rows, start=1):
             reason = mismatch(old) if mismatch is not None else None
             if reason:

@@ -64,7 +64,7 @@ def tag_command(
     from exnihilo.outputs import check_output
     from exnihilo.resume import check_resumable
 
-    check_engine(engine, base_url)
+    check_engine(engine, base_url, dtype)
     check_output(out, [data])
     check_resumable(out, "curate tag", tag_settings(f"{engine}:{judge}", score, seed,
                                                      max_new_tokens), inputs=[data])

@@ -82,7 +82,7 @@ def judge_command(
     from exnihilo.resume import check_resumable
 
     out = out or file.with_name(f"{file.stem}.judged.jsonl")
-    check_engine(engine, base_url)
+    check_engine(engine, base_url, dtype)
     check_resumable(out, "eval judge", None, inputs=[file])
     records = read_generations(file)
     _warn_if_weak(judge)
@@ -125,7 +125,7 @@ def pairwise_command(
     from exnihilo.resume import check_resumable
 
     out = out or a.with_name(f"{a.stem}.vs.{b.stem}.pairwise.jsonl")
-    check_engine(engine, base_url)
+    check_engine(engine, base_url, dtype)
     check_resumable(out, "eval pairwise", None, inputs=[a, b])
     records_a, records_b = read_generations(a), read_generations(b)
     if not match_by_prompt(records_a, records_b)[0]:  # before loading a judge
@@ -163,10 +163,12 @@ def perplexity_command(
     """Perplexity of the reference answers given their prompts (no judge needed).
 
     Only answer tokens count (with the end-of-turn/EOS token). Lower is better."""
+    from exnihilo.assemble import check_engine
     from exnihilo.evaluate import load_eval_set, model_perplexity
     from exnihilo.outputs import check_output
     from exnihilo.records import write_jsonl_atomic
 
+    check_engine("transformers", None, dtype)
     if out is not None:
         check_output(out, [data])
     records = load_eval_set(data, limit=limit, offset=offset)

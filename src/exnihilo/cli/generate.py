@@ -58,7 +58,7 @@ def generate_command(
     )
     from exnihilo.resume import check_resumable
 
-    check_engine(engine, base_url)
+    check_engine(engine, base_url, dtype)
     check_resumable(out, "generate", None, inputs=[data])  # input clash, lock, torn file
     records = load_eval_set(data, limit=limit, offset=offset)  # fail before loading a model
     style = resolve_style(style, model)

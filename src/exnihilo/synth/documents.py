@@ -471,7 +471,7 @@ def validate_job(job: DocumentsJob) -> PreparedJob:
                                      or job.no_demo):
         raise ExnihiloError("--rounds, --shots and --no-demo belong to --method joint "
                             "(stepwise prompts carry no few-shot examples)")
-    check_engine(job.engine, job.base_url)
+    check_engine(job.engine, job.base_url, job.dtype)
     if job.overlap >= job.chunk_tokens:
         raise ExnihiloError(f"--overlap {job.overlap} must be smaller than --chunk-tokens "
                             f"{job.chunk_tokens}")

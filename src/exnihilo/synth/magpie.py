@@ -323,7 +323,7 @@ def validate_magpie_job(job: MagpieJob) -> MagpieConfig:
         raise ExnihiloError(f"-n must be positive, got {job.n}")
     if job.system and job.no_system:
         raise ExnihiloError("--system and --no-system contradict each other")
-    check_engine(job.engine, job.base_url)
+    check_engine(job.engine, job.base_url, job.dtype)
     for name, value in (("--instruction-max-tokens", job.instruction_max_tokens),
                         ("--response-max-tokens", job.response_max_tokens),
                         ("--batch-size", job.batch_size), ("--concurrency", job.concurrency)):
