@@ -23,11 +23,12 @@ def demo_command(
     LoRA SFT → answers on held-out ch07 prompts from base and tuned → judge scores and
     reference perplexity, side by side."""
     from rich.table import Table
+    from rich.text import Text
 
     from exnihilo.cli.synth import print_summary
     from exnihilo.demo import DemoConfig, run_demo
 
-    console.rule("[bold]exnihilo demo[/bold] on smollm2-135m-instruct")
+    console.rule(Text("exnihilo demo on smollm2-135m-instruct", style="bold"))
     result = run_demo(DemoConfig(workdir=workdir, n=n, epochs=epochs, eval_limit=eval_limit,
                                  eval_set=eval_set))
     print_summary(result.magpie, show=2)
@@ -47,7 +48,7 @@ def demo_command(
                       str(row["hit_max_tokens"]))
     console.print(table)
     if result.warning:
-        console.print(f"[yellow]note:[/yellow] {result.warning}", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), f" {result.warning}"), highlight=False)
     console.print(f"files: {result.files} · answers and verdicts: "
                   f"{', '.join(r['judged_file'] for r in result.rows)}", highlight=False)
     console.print(f"stage seconds: {result.seconds}", highlight=False)

@@ -92,7 +92,7 @@ def sft_command(
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "–"
     train = f"{result.train_loss:.4f}" if result.train_loss is not None else "–"
     console.print(
-        f"[bold]done[/bold]: {result.steps} steps in {result.train_seconds:.0f} s · "
+        f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
         f"train loss {train} · val loss {val} · "
         f"{result.trained_tokens_per_s:,.0f} trained tok/s · padding "
         f"{100 * result.padding_waste:.1f}%")
