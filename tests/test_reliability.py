@@ -283,7 +283,7 @@ def test_second_writer_fails_at_once_and_ctrl_c_exits_130(tmp_path):
         second = cli("synth", "magpie", "-n", "4", "-o", "m.jsonl", *DEAD, cwd=tmp_path)
         line = one_error_line(second)
         assert f"process {first.pid} is writing it" in line
-        assert time.perf_counter() - started < 20  # no model, no server wait
+        assert time.perf_counter() - started < 60  # no model, no server wait (loaded CI: slack)
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)
     finally:
