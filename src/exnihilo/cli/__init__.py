@@ -21,11 +21,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"exnihilo {version('exnihilo')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(threads: int = typer.Option(
         None, "--threads", envvar="EXNIHILO_THREADS", show_envvar=True,
         help="CPU threads for torch (every command). On a loaded machine 1 can be several "
-             "times faster than the default of one per core.")) -> None:
+             "times faster than the default of one per core."),
+         version: bool = typer.Option(False, "--version", is_eager=True,
+                                      callback=_print_version,
+                                      help="Print the version and exit.")) -> None:
     """Make small language models better starting from nothing."""
     from exnihilo.threads import apply_threads
 
