@@ -4,6 +4,7 @@ through the real llama.cpp (llama-cpp-python, a test dependency; those tests ski
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from exnihilo.export.gguf import (
     PRE_SMOLLM,
     chatml_default_system,
     export_gguf,
+    gguf_tensor_name,
     llama_permute,
     llama_unpermute,
     pre_tokenizer_name,
@@ -51,9 +53,43 @@ def tiny_folder(tmp_path: Path, model, tokenizer, run_info: dict | None = None) 
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smol_tokenizer):
+    """conftest's `tiny_llama` (same seed and config) saved as a trained run folder, built
+    once per module: every export of it reads the 49,152-token vocabulary, which is the slow
+    part on a busy CPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(smol_tokenizer))).eval()
+    folder = tiny_folder(tmp_path_factory.mktemp("tiny"), model, smol_tokenizer,
+                         {"kind": "sft", "style": "chat"})
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """qtype → the tiny run exported in that type (each written once per module)."""
+    out_dir = tmp_path_factory.mktemp("gguf")
+    cache: dict[str, Path] = {}
+
+    def get(qtype: str) -> Path:
+        if qtype not in cache:
+            cache[qtype] = export_gguf(tiny_run[0], out_dir / f"tiny-{qtype}.gguf", qtype).path
+        return cache[qtype]
+
+    return get
+
+
 @pytest.fixture
-def run_folder(tmp_path, tiny_llama, smol_tokenizer) -> Path:
-    return tiny_folder(tmp_path, tiny_llama, smol_tokenizer, {"kind": "sft", "style": "chat"})
+def run_folder(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny run folder, for tests that write beside it or change it."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_run[0], tmp_path / "run"))
 
 
 @pytest.fixture
@@ -142,43 +178,46 @@ def test_chatml_detection_finds_smollm_default_system(smol_tokenizer):
 
 # ------------------------------------------------------------------ writing and reading back
 
-def test_f32_reads_back_exactly_and_f16_within_f16_rounding(run_folder, tiny_llama, tmp_path,
+def test_f32_reads_back_exactly_and_f16_within_f16_rounding(tiny_run, exported,
                                                             private_cache):
     import torch
 
     from exnihilo.models import load_model
 
-    reference = tiny_llama.state_dict()
+    reference = tiny_run[1].state_dict()
     for qtype in ("f32", "f16"):
-        out = tmp_path / f"tiny-{qtype}.gguf"
-        export_gguf(run_folder, out, qtype)
-        back = load_model(str(out)).state_dict()
+        back = load_model(str(exported(qtype))).state_dict()
         assert set(back) == set(reference)
         for name, w in reference.items():
             expected = w if qtype == "f32" or w.ndim == 1 else w.to(torch.float16).float()
             assert torch.equal(back[name], expected), (qtype, name)
 
 
-def test_q8_0_reads_back_within_the_block_scale(run_folder, tiny_llama, tmp_path, private_cache):
-    from exnihilo.models import load_model
+def test_q8_0_stays_within_half_a_block_step(tiny_run, exported):
+    import gguf
 
-    out = tmp_path / "tiny-q8_0.gguf"
-    export_gguf(run_folder, out, "q8_0")
-    back = load_model(str(out)).state_dict()
-    for name, w in tiny_llama.state_dict().items():
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    stored = {t.name: t for t in gguf.GGUFReader(exported("q8_0")).tensors}
+    for name, w in tiny_run[1].state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: the embedding
+        tensor = stored[gguf_tensor_name(name, name_map)]
+        back = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(w.shape)
+        if ".q_proj." in name or ".k_proj." in name:
+            back = llama_unpermute(back, 4 if ".q_proj." in name else 2)
         if w.ndim == 1:
-            assert np.array_equal(back[name].numpy(), w.numpy())
+            assert tensor.tensor_type.name == "F32" and np.array_equal(back, w.numpy())
             continue
+        assert tensor.tensor_type.name == "Q8_0"
         blocks = w.numpy().reshape(-1, 32)
-        err = np.abs(back[name].numpy().reshape(-1, 32) - blocks)
-        scale = np.abs(blocks).max(axis=1, keepdims=True) / 127  # Q8_0's per-block step
-        assert (err <= 0.6 * scale + 1e-7).all(), name  # half a step, plus f16 rounding of d
+        err = np.abs(back.reshape(-1, 32) - blocks)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127  # Q8_0's per-block step
+        assert (err <= 0.6 * step + 1e-7).all(), name  # half a step, plus f16 rounding of it
         assert err.max() > 0  # it did quantize
 
 
-def test_metadata_tensor_types_and_chat_template(run_folder, smol_tokenizer, tmp_path):
-    out = tmp_path / "tiny-q4_0.gguf"
-    result = export_gguf(run_folder, out, "q4_0")
+def test_metadata_tensor_types_and_chat_template(exported, smol_tokenizer):
+    out = exported("q4_0")
     meta, types = read_fields(out)
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 64
@@ -192,21 +231,21 @@ def test_metadata_tensor_types_and_chat_template(run_folder, smol_tokenizer, tmp
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert meta["tokenizer.chat_template"] == smol_tokenizer.chat_template
     # Tied head: no output.weight. Norms F32; the embedding Q8_0; every other matrix Q4_0.
-    assert "output.weight" not in types and len(types) == 2 * 9 + 2 == result.n_tensors
+    assert "output.weight" not in types and len(types) == 2 * 9 + 2
     assert types["token_embd.weight"] == "Q8_0"
     assert types["output_norm.weight"] == types["blk.1.attn_norm.weight"] == "F32"
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_0"
-    assert result.tensor_types == {"F32": 5, "Q8_0": 1, "Q4_0": 14}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert sorted(Counter(types.values()).items()) == [("F32", 5), ("Q4_0", 14), ("Q8_0", 1)]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_alpaca_run_embeds_the_template_it_was_trained_with(tiny_llama, smol_tokenizer,
+def test_alpaca_run_embeds_the_template_it_was_trained_with(run_folder, smol_tokenizer,
                                                             tmp_path):
     from exnihilo.styles import render_prompt
 
-    folder = tiny_folder(tmp_path, tiny_llama, smol_tokenizer, {"style": "alpaca"})
+    (run_folder / "exnihilo_run.json").write_text(json.dumps({"style": "alpaca"}))
     out = tmp_path / "alpaca.gguf"
-    result = export_gguf(folder, out, "f16", ollama=True)
+    result = export_gguf(run_folder, out, "f16", ollama=True)
     messages = [{"role": "user", "content": "Name a prime."}]
     rendered = smol_tokenizer.apply_chat_template(messages, chat_template=result.chat_template,
                                                   tokenize=False, add_generation_prompt=True)
@@ -215,17 +254,6 @@ def test_alpaca_run_embeds_the_template_it_was_trained_with(tiny_llama, smol_tok
     modelfile = (tmp_path / "Modelfile").read_text()
     assert "### Instruction:\n{{ .Prompt }}\n\n### Response:\n" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
-
-
-def test_ollama_modelfile_for_chatml(run_folder, tmp_path):
-    out = tmp_path / "chat.gguf"
-    result = export_gguf(run_folder, out, "q8_0", ollama=True)
-    assert result.modelfile == tmp_path / "Modelfile"
-    assert result.modelfile.read_text() == (
-        "FROM ./chat.gguf\n\n"
-        f'TEMPLATE """{CHATML_GO_TEMPLATE}"""\n'
-        f'SYSTEM """{SMOL_SYSTEM}"""\n\n'
-        'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n')
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -262,18 +290,22 @@ def test_ollama_with_a_non_chatml_template_writes_nothing(run_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_cli_writes_the_file_and_modelfile(run_folder, tmp_path):
+def test_cli_writes_the_file_and_a_chatml_modelfile(run_folder, tmp_path):
     from typer.testing import CliRunner
 
     from exnihilo.cli.export import app
 
-    out = tmp_path / "cli.gguf"
+    out = tmp_path / "chat.gguf"
     result = CliRunner().invoke(app, ["gguf", str(run_folder), "-o", str(out), "--type", "q8_0",
                                       "--ollama"])
     assert result.exit_code == 0, result.output
     assert "q8_0" in result.output and "Modelfile" in result.output
-    assert out.exists() and (tmp_path / "Modelfile").exists()
     assert read_fields(out)[0]["general.file_type"] == 7  # MOSTLY_Q8_0
+    assert (tmp_path / "Modelfile").read_text() == (
+        "FROM ./chat.gguf\n\n"
+        f'TEMPLATE """{CHATML_GO_TEMPLATE}"""\n'
+        f'SYSTEM """{SMOL_SYSTEM}"""\n\n'
+        'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n')
 
 
 # ------------------------------------------------------------------- through llama.cpp itself
@@ -304,10 +336,9 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
 
-def test_llama_cpp_tokenizes_like_the_hf_tokenizer(run_folder, smol_tokenizer, tmp_path):
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(exported, smol_tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp")
-    out = tmp_path / "tok.gguf"
-    export_gguf(run_folder, out, "q8_0")
+    out = exported("q8_0")
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, vocab_only=True, verbose=False)
     for text in TEXTS + [PASSAGE]:
         expected = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -315,13 +346,11 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(run_folder, smol_tokenizer, t
         assert llm.detokenize(expected, special=True).decode() == text
 
 
-def test_llama_cpp_chat_template_renders_like_transformers(run_folder, smol_tokenizer,
-                                                           tmp_path):
+def test_llama_cpp_chat_template_renders_like_transformers(exported, smol_tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    out = tmp_path / "chat.gguf"
-    export_gguf(run_folder, out, "q8_0")
+    out = exported("q8_0")
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, vocab_only=True, verbose=False)
     template = llm.metadata["tokenizer.chat_template"]
     assert template == smol_tokenizer.chat_template
@@ -332,15 +361,11 @@ def test_llama_cpp_chat_template_renders_like_transformers(run_folder, smol_toke
         messages, tokenize=False, add_generation_prompt=True)
 
 
-def test_llama_cpp_logits_match_transformers(run_folder, tiny_llama, smol_tokenizer, tmp_path):
+def test_llama_cpp_logits_match_transformers(tiny_run, exported, smol_tokenizer):
     pytest.importorskip("llama_cpp")
     ids = smol_tokenizer(PASSAGE, add_special_tokens=False)["input_ids"]
-    reference = hf_logits(tiny_llama, ids)
-    logits = {}
-    for qtype in ("f32", "f16", "q8_0", "q4_0"):
-        out = tmp_path / f"tiny-{qtype}.gguf"
-        export_gguf(run_folder, out, qtype)
-        logits[qtype] = llama_logits(out, ids)
+    reference = hf_logits(tiny_run[1], ids)
+    logits = {q: llama_logits(exported(q), ids) for q in ("f32", "f16", "q8_0", "q4_0")}
     # f32 is the same computation: any layout mistake (Q/K order, tied head) shows here.
     assert np.abs(logits["f32"] - reference).max() < 1e-3
     top1 = {q: float((x.argmax(-1) == reference.argmax(-1)).mean()) for q, x in logits.items()}
