@@ -190,8 +190,8 @@ def constrained_response(response: str) -> bool:
 
 
 def count_highlights(response: str) -> int:
-    """Non-blank *single* and **double** highlighted spans within one line. A **bold** span
-    is counted twice (once by each pattern), as in the reference."""
+    """Non-blank *single* and **double** highlighted spans within one line, each counted
+    once ("**a** *b*" has 2; in "**a**" the single pattern only finds two empty "**")."""
     single = re.findall(r"\*[^\n\*]*\*", response)
     double = re.findall(r"\*\*[^\n\*]*\*\*", response)
     return (sum(1 for h in single if h.strip("*").strip())
