@@ -383,3 +383,36 @@ def test_cli_refuses_bad_combinations_before_any_model(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [dict(ROW, instruction_id_list=["nope:x"])])
     res = CliRunner().invoke(app, ["--model", "no-such-model", "--input", str(bad)])
     assert "bad.jsonl:1: unknown instruction id 'nope:x'" in str(res.exception)
+
+
+def test_cli_compare_with_other_prompts_fails_before_generating(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", [ROW, dict(ROW, prompt="Two.")])
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"mode": "strict", "prompt": "Elsewhere.",
+                                 "instruction_id_list": ["x"], "follow_all_instructions": True,
+                                 "follow_instruction_list": [True]}) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(_app(), ["--model", "no-such-model", "--input", str(inp),
+                                      "--compare", str(other)])
+    assert "3 prompts are in only one of the two runs" in str(res.exception)
+
+
+def test_cli_generates_with_a_model_and_resumes(tmp_path, tiny_llama, smol_tokenizer,
+                                                one_thread):
+    model_dir = tmp_path / "tiny"
+    tiny_llama.save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    inp = _write(tmp_path / "in.jsonl", [ROW, dict(ROW, prompt="Two."), dict(ROW, prompt="3.")])
+    out = tmp_path / "run.jsonl"
+    args = ["--model", str(model_dir), "--input", str(inp), "--limit", "2", "-o", str(out),
+            "--max-new-tokens", "3", "--threads", "1"]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    answers = read_responses(tmp_path / "run.responses.jsonl")
+    assert set(answers) == {ROW["prompt"], "Two."}  # --limit 2
+    rows = read_results(out)
+    assert len(rows) == 4
+    assert [r["response"] for r in rows[:2]] == [answers[ROW["prompt"]], answers["Two."]]
+    before = (tmp_path / "run.responses.jsonl").read_text(encoding="utf-8")
+    res = CliRunner().invoke(_app(), args)  # a rerun reuses every answer
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run.responses.jsonl").read_text(encoding="utf-8") == before

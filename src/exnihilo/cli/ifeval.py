@@ -71,6 +71,7 @@ def ifeval_command(
     per-instruction table."""
     from exnihilo.errors import ExnihiloError
     from exnihilo.ifeval import (
+        check_same_prompts,
         evaluate_responses,
         match_responses,
         paired_difference,
@@ -95,6 +96,8 @@ def ifeval_command(
     all_inputs = read_inputs(input_path)  # every error surfaces before a model loads
     inputs = all_inputs[:limit] if limit is not None else all_inputs
     other = read_results(compare) if compare is not None else None
+    if other is not None:
+        check_same_prompts(other, inputs, f"--compare {compare}")
     if responses is not None:
         answers = match_responses(inputs, read_responses(responses), str(responses),
                                   known_prompts={row.prompt for row in all_inputs})

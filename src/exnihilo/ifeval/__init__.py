@@ -9,6 +9,7 @@ from exnihilo.ifeval.checkers import INSTRUCTIONS, check_instruction, validate_k
 from exnihilo.ifeval.score import (
     DEFAULT_INPUT,
     Prompt,
+    check_same_prompts,
     evaluate_responses,
     follow_list,
     loose_variants,
@@ -23,8 +24,8 @@ from exnihilo.ifeval.score import (
 )
 
 __all__ = [
-    "DEFAULT_INPUT", "INSTRUCTIONS", "Prompt", "check_instruction", "evaluate_responses",
-    "follow_list", "loose_variants", "match_responses", "paired_difference", "read_inputs",
-    "read_responses", "read_results", "score_response", "summarize", "validate_kwargs",
-    "write_results",
+    "DEFAULT_INPUT", "INSTRUCTIONS", "Prompt", "check_instruction", "check_same_prompts",
+    "evaluate_responses", "follow_list", "loose_variants", "match_responses",
+    "paired_difference", "read_inputs", "read_responses", "read_results", "score_response",
+    "summarize", "validate_kwargs", "write_results",
 ]

@@ -223,6 +223,17 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_same_prompts(results: list[dict[str, Any]], inputs: list[Prompt], source: str
+                       ) -> None:
+    """Refuse (with the count) a result file whose prompts differ from `inputs`, so a paired
+    comparison fails before any generation rather than after."""
+    theirs = {r["prompt"] for r in results if r["mode"] == "strict"}
+    unmatched = len(theirs ^ {row.prompt for row in inputs})
+    if unmatched:
+        raise ExnihiloError(f"{source}: {unmatched} prompts are in only one of the two runs; "
+                            f"compare runs over the same prompts (same --input and --limit)")
+
+
 def _by_mode(results: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     return [r for r in results if r["mode"] == mode]
 
