@@ -21,7 +21,9 @@ use three NLTK pieces and langdetect. Here:
   and "DON'T" gives two); and the Treebank's word splits "cannot", "gonna", "gotta",
   "gimme", "lemme", "wanna". Where it differs: single periods are never split off (the
   Treebank splits only a sentence's final one, which never changes an upper-case count),
-  and rarer Treebank rules ('tis, 'twas, d'ye, more'n) are not reproduced.
+  and rarer Treebank rules ('tis, 'twas, d'ye, more'n) are not reproduced. Checked against
+  NLTK 3.10's Treebank tokenizer over Punkt sentences: the same all-capital count on all
+  541 prompts and the authors' 541 GPT-4 answers.
 - `detect_language`: the reference calls langdetect; we use py3langid (already a project
   dependency, offline, deterministic; langdetect is random unless seeded). Both return ISO
   639-1 codes and agree on ordinary text; they can disagree on very short or mixed-language
