@@ -153,6 +153,9 @@ def test_blank_response_follows_nothing():
     # text without letters: the language is undecidable and the reference counts it followed
     ("language:response_language", {"language": "ko"}, "12345 !!!", True),
     ("change_case:english_capital", {}, "ЭТО ОТВЕТ НА РУССКОМ ЯЗЫКЕ, А НЕ НА АНГЛИЙСКОМ.", False),
+    # case is tested before language: no letters -> not upper case -> not followed
+    ("change_case:english_capital", {}, "123 !!!", False),
+    ("change_case:english_lowercase", {}, "123 !!!", False),
     ("detectable_format:constrained_response", {}, "My answer is no.", True),
     ("detectable_content:postscript", {"postscript_marker": "Note:"}, "A\nnote: b", True),
 ])

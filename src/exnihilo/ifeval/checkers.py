@@ -268,15 +268,14 @@ def capital_word_frequency(response: str, *, capital_frequency: int,
 
 
 def english_capital(response: str) -> bool:
-    """All cased characters are upper case, and the text is English."""
-    language = detect_language(response)
-    return language is None or (response.isupper() and language == "en")
+    """All cased characters are upper case (so there is at least one), and the text is
+    English. Case is tested first, as in the reference, so text without letters fails."""
+    return response.isupper() and detect_language(response) == "en"
 
 
 def english_lowercase(response: str) -> bool:
-    """All cased characters are lower case, and the text is English."""
-    language = detect_language(response)
-    return language is None or (response.islower() and language == "en")
+    """All cased characters are lower case (at least one), and the text is English."""
+    return response.islower() and detect_language(response) == "en"
 
 
 def no_comma(response: str) -> bool:
