@@ -15,8 +15,7 @@ checker counts the same way:
 Two deliberate differences, identical on all 541 prompts of the benchmark: keywords, section
 splitters and custom postscript markers are matched literally (`re.escape`), where the
 reference pastes them into a regex unescaped; and word/sentence/language counting goes
-through `exnihilo.ifeval.text` (see its docstring for where that differs from NLTK and
-langdetect).
+through `exnihilo.ifeval.text` (see its docstring for where that differs from NLTK).
 
 Public API: `check_instruction(instruction_id, kwargs, response, prompt=None)` and
 `validate_kwargs(instruction_id, kwargs, where)`; `INSTRUCTIONS` maps every id to its
