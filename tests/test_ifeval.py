@@ -423,7 +423,7 @@ def test_cli_generates_with_a_model_and_resumes(tmp_path, tiny_llama, smol_token
 
 # ------------------------------------------------------------------------------ reference oracle
 
-REFERENCE_ROWS = Path(__file__).parent / "data" / "ifeval_reference_rows.jsonl"
+REFERENCE_ROWS = Path(__file__).parent / "fixtures" / "ifeval_reference_rows.jsonl"
 
 
 def test_agrees_with_the_reference_implementation_on_gpt4_answers():
