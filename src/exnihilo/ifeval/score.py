@@ -30,7 +30,9 @@ from exnihilo.ifeval.checkers import INSTRUCTIONS, validate_kwargs
 from exnihilo.records import iter_jsonl, validate_record, write_jsonl_atomic
 
 MODES = ("strict", "loose")
-DEFAULT_INPUT = Path(__file__).resolve().parents[3].parent / "shared" / "evalsets" / \
+# The 541-prompt set in the project's shared/ folder, beside the checkout (src/exnihilo/ifeval/
+# -> repository root -> its parent).
+DEFAULT_INPUT = Path(__file__).resolve().parents[4] / "shared" / "evalsets" / \
     "ifeval-input-data.jsonl"
 
 
