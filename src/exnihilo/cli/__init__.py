@@ -51,7 +51,8 @@ def _register_optional() -> None:
     """Verb groups that land with later work register themselves if present."""
     import importlib
 
-    for module, name in (("train", "train"), ("evaluate", "eval"), ("curate", "curate")):
+    for module, name in (("train", "train"), ("evaluate", "eval"), ("curate", "curate"),
+                         ("export", "export")):
         try:
             mod = importlib.import_module(f"exnihilo.cli.{module}")
         except ModuleNotFoundError as e:
@@ -71,6 +72,16 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules but belong to a verb group."""
+    from exnihilo.cli import evaluate, ifeval
+
+    evaluate.app.command("ifeval")(ifeval.ifeval_command)
+
+
+_register_commands()
 
 
 def main() -> None:
