@@ -30,6 +30,7 @@ from exnihilo.evaluate.generation import (
     record_seed,
 )
 from exnihilo.evaluate.judging import (
+    JUDGE_MODES,
     JUDGE_PARAMS,
     JUDGE_PROMPT_VERSION,
     PAIRWISE_PARAMS,
@@ -48,6 +49,16 @@ from exnihilo.evaluate.judging import (
     pairwise_summary,
     score_histogram,
 )
+from exnihilo.evaluate.likelihood import (
+    choose_option,
+    choose_options,
+    expected_score,
+    letter_choices,
+    logprob_judge_prompt,
+    logprob_scores,
+    option_distribution,
+    require_logprobs,
+)
 from exnihilo.evaluate.perplexity import (
     model_perplexity,
     perplexity,
@@ -65,11 +76,20 @@ from exnihilo.evaluate.sets import (
     resolve_style,
     split_reference,
 )
+from exnihilo.evaluate.stats import (
+    auc,
+    bootstrap_interval,
+    cohen_kappa,
+    krippendorff_alpha_interval,
+    logistic_fit,
+    spearman,
+)
 from exnihilo.train.run import RUN_INFO as RUN_FILE
 from exnihilo.train.run import run_style
 
 __all__ = [
     "EMBEDDED_JUDGES",
+    "JUDGE_MODES",
     "JUDGE_PARAMS",
     "JUDGE_PROMPT_VERSION",
     "Message",
@@ -78,6 +98,20 @@ __all__ = [
     "RUN_FILE",
     "STYLE_STOPS",
     "answer_parts",
+    "auc",
+    "bootstrap_interval",
+    "choose_option",
+    "choose_options",
+    "cohen_kappa",
+    "expected_score",
+    "krippendorff_alpha_interval",
+    "letter_choices",
+    "logistic_fit",
+    "logprob_judge_prompt",
+    "logprob_scores",
+    "option_distribution",
+    "require_logprobs",
+    "spearman",
     "combine_orders",
     "format_conversation",
     "generate_responses",

@@ -10,6 +10,7 @@ from typing import Any
 
 from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
+from exnihilo.evaluate.likelihood import LOGPROB_PAIRWISE_PROMPT_VERSION, logprob_scores
 from exnihilo.evaluate.resumable import _resumable
 from exnihilo.evaluate.sets import EMBEDDED_JUDGES, Message, answer_parts, prompt_id
 from exnihilo.judge import DATA_NOTICE, extract_choice, extract_score, fence
@@ -17,6 +18,12 @@ from exnihilo.records import Record
 
 JUDGE_PROMPT_VERSION = "score-0-100/v1"
 PAIRWISE_PROMPT_VERSION = "pairwise-ab/v1"
+JUDGE_MODES = ("generate", "logprob")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in JUDGE_MODES:
+        raise ExnihiloError(f"--mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
 
 
 JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=32, seed=0)
@@ -48,14 +55,19 @@ def judge_engine_name(engine: Engine) -> str:
 
 
 def judge_scores(engine: Engine, records: list[Record], params: SamplingParams | None = None,
-                 out: str | Path | None = None, chunk_size: int = 64) -> list[Record]:
+                 out: str | Path | None = None, chunk_size: int = 64, mode: str = "generate"
+                 ) -> list[Record]:
     """Score every record's final answer 0–100; return copies with meta["judge"] set to
     {"score": float | None, "raw": judge's text, "judge": engine name, "reference": bool}.
 
     Every record is sent with the same fixed seed at temperature 0 (unless `params` says
     otherwise), so scores are reproducible and independent of batching. A None score means
-    the answer could not be read; `judge_summary` counts those.
+    the answer could not be read; `judge_summary` counts those. mode "logprob" scores by the
+    judge's expected digit instead (`likelihood.logprob_scores`; `params` unused).
     """
+    check_mode(mode)
+    if mode == "logprob":
+        return logprob_scores(engine, records, out=out, chunk_size=chunk_size)
     params = params or JUDGE_PARAMS
     name = judge_engine_name(engine)
     setting = {"judge": name, "prompt": JUDGE_PROMPT_VERSION, "sampling": params.public()}
@@ -125,7 +137,16 @@ def judge_summary(results: list[Record], examples: int = 3) -> dict[str, Any]:
         "mean": None if mean is None else round(mean, 2),
         "stderr": None if stderr is None else round(stderr, 2),
         "histogram": score_histogram(scores),
+        **_confidence(verdicts),
     }
+
+
+def _confidence(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A likelihood judge's mean probability mass on its score tokens (absent otherwise)."""
+    masses = [v["confidence"] for v in verdicts if v.get("confidence") is not None]
+    if not masses:
+        return {}
+    return {"mode": "logprob", "mean_confidence": round(sum(masses) / len(masses), 4)}
 
 
 def judge_warning(judge: str) -> str | None:
@@ -143,16 +164,18 @@ PAIRWISE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=16, 
 
 
 def pairwise_prompt(prompt: list[Message], first: str, second: str,
-                    reference: str | None) -> str:
-    """Ask which of two fenced responses is better; the answer is a letter or "tie"."""
+                    reference: str | None, letter_only: bool = False) -> str:
+    """Ask which of two fenced responses is better; the answer is a letter or "tie" (with
+    `letter_only`, a letter: the likelihood judge reads P(A) against P(B))."""
     parts = [DATA_NOTICE, "", fence("INPUT", format_conversation(prompt))]
     if reference is not None:
         parts += ["", fence("CORRECT OUTPUT", reference)]
     parts += ["", fence("RESPONSE A", first), "", fence("RESPONSE B", second), ""]
     given = ("the input and correct output above" if reference is not None
              else "the input above")
+    tie = "" if letter_only else ", or with the word tie if they are equally good"
     parts.append(f"Given {given}, which response is better: A or B? Respond with the single "
-                 f"letter A or B only, or with the word tie if they are equally good.")
+                 f"letter A or B only{tie}.")
     return "\n".join(parts)
 
 
@@ -192,21 +215,31 @@ def match_by_prompt(records_a: list[Record], records_b: list[Record]
 
 def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Record],
                      params: SamplingParams | None = None, out: str | Path | None = None,
-                     chunk_size: int = 32) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     chunk_size: int = 32, mode: str = "generate"
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Judge model A's answers against model B's on the prompts both answered.
 
     Each prompt is judged twice, A shown first then B shown first. Returns one row per
     prompt ({"id": prompt id, "outcome": win|tie|loss|unparseable for A, "orders": [...]})
     and `pairwise_summary` of them. With `out`, rows are appended as they finish and a rerun
-    resumes.
+    resumes. mode "logprob" reads each order's verdict as the likelier of the letters A and
+    B (`likelihood.letter_choices`) instead of parsing a written answer.
     """
+    check_mode(mode)
+    if mode == "logprob":
+        from exnihilo.evaluate.likelihood import require_logprobs
+
+        require_logprobs(engine)
     params = params or PAIRWISE_PARAMS
     pairs, unmatched_a, unmatched_b = match_by_prompt(records_a, records_b)
     if not pairs:
         raise ExnihiloError("the two files share no prompt: pairwise needs answers to the same "
                             "prompts (generate both from the same eval set)")
     name = judge_engine_name(engine)
-    setting = {"judge": name, "prompt": PAIRWISE_PROMPT_VERSION, "sampling": params.public()}
+    setting: dict[str, Any] = (
+        {"judge": name, "prompt": PAIRWISE_PROMPT_VERSION, "sampling": params.public()}
+        if mode == "generate" else
+        {"judge": name, "prompt": LOGPROB_PAIRWISE_PROMPT_VERSION, "mode": "logprob"})
     items = [{"id": prompt_id(a), "messages": answer_parts(a)[0],
               "meta": {"reference": answer_parts(a)[2], "a": _answer(a), "b": _answer(b)}}
              for a, b in pairs]
@@ -222,17 +255,18 @@ def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Re
             ref, a, b = item["meta"]["reference"], item["meta"]["a"], item["meta"]["b"]
             for first, second in ((a, b), (b, a)):
                 convs.append([{"role": "user", "content": pairwise_prompt(
-                    item["messages"], first["content"], second["content"], ref)}])
-        outs = engine.chat(convs, params, seeds=[params.seed] * len(convs))
+                    item["messages"], first["content"], second["content"], ref,
+                    letter_only=mode == "logprob")}])
+        verdicts = _verdicts(engine, convs, params, mode)
         rows = []
         for i, item in enumerate(chunk):
             orders = []
             for j, a_first in enumerate((True, False)):
-                raw = outs[2 * i + j].text
-                choice = extract_choice(raw)
-                orders.append({"a_first": a_first, "raw": raw, "choice": choice,
-                               "prefers": _preference(choice, a_first)})
-            rows.append({"id": item["id"], **setting, "messages": item["messages"],
+                verdict = verdicts[2 * i + j]
+                orders.append({"a_first": a_first, **verdict,
+                               "prefers": _preference(verdict["choice"], a_first)})
+            extra = {"p_a": _p_a(orders)} if mode == "logprob" else {}
+            rows.append({"id": item["id"], **setting, **extra, "messages": item["messages"],
                          "reference": item["meta"]["reference"],
                          "outcome": combine_orders(orders[0]["prefers"], orders[1]["prefers"]),
                          "orders": orders, "a": item["meta"]["a"], "b": item["meta"]["b"]})
@@ -243,6 +277,27 @@ def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Re
     summary.update(unmatched_a=unmatched_a, unmatched_b=unmatched_b,
                    a=_generator(records_a), b=_generator(records_b))
     return rows, summary
+
+
+def _p_a(orders: list[dict[str, Any]]) -> float | None:
+    """P(model a is better) from a likelihood judge's two orders, averaged so that a fixed
+    preference for one position cancels: (P(A | a first) + P(B | a second)) / 2."""
+    first, second = (o.get("p_first") for o in orders)
+    if first is None or second is None:
+        return None
+    return round((first + (1 - second)) / 2, 6)
+
+
+def _verdicts(engine: Engine, convs: list[list[Message]], params: SamplingParams, mode: str
+              ) -> list[dict[str, Any]]:
+    """One {"raw", "choice", …} per A/B prompt: parsed from the judge's text, or (logprob)
+    the likelier letter with its probability."""
+    if mode == "logprob":
+        from exnihilo.evaluate.likelihood import letter_choices
+
+        return letter_choices(engine, convs)
+    outs = engine.chat(convs, params, seeds=[params.seed] * len(convs))
+    return [{"raw": o.text, "choice": extract_choice(o.text)} for o in outs]
 
 
 def _answer(record: Record) -> dict[str, Any]:
@@ -269,6 +324,8 @@ def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str,
     consistent = sum(1 for row in rows if row["outcome"] != "unparseable"
                      and row["orders"][0]["prefers"] == row["orders"][1]["prefers"])
     lettered = [o for o in orders if o["choice"] in ("A", "B")]
+    p_first = [o["p_first"] for o in orders if o.get("p_first") is not None]
+    p_a = [row["p_a"] for row in rows if row.get("p_a") is not None]
     points = [1.0] * outcomes["win"] + [0.5] * outcomes["tie"] + [0.0] * outcomes["loss"]
     win_rate, stderr = mean_and_stderr(points)
     return {
@@ -286,4 +343,10 @@ def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str,
         "position_consistency": round(consistent / decided, 4) if decided else None,
         "first_position_rate": (round(sum(1 for o in lettered if o["choice"] == "A")
                                       / len(lettered), 4) if lettered else None),
+        # a likelihood judge's mean P(first shown) / (P(A) + P(B)): 0.5 is unbiased
+        **({"mean_p_first": round(sum(p_first) / len(p_first), 4)} if p_first else {}),
+        # and its position-averaged P(a better): the share of prompts above 0.5
+        **({"mean_p_a": round(sum(p_a) / len(p_a), 4),
+            "probability_win_rate": round(sum(p > 0.5 for p in p_a) / len(p_a), 4)}
+           if p_a else {}),
     }
