@@ -13,6 +13,7 @@ from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.likelihood import LOGPROB_PAIRWISE_PROMPT_VERSION, logprob_scores
 from exnihilo.evaluate.resumable import _resumable
 from exnihilo.evaluate.sets import EMBEDDED_JUDGES, Message, answer_parts, prompt_id
+from exnihilo.evaluate.stats import logistic_fit, sigmoid
 from exnihilo.judge import DATA_NOTICE, extract_choice, extract_score, fence
 from exnihilo.records import Record
 
@@ -215,7 +216,7 @@ def match_by_prompt(records_a: list[Record], records_b: list[Record]
 
 def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Record],
                      params: SamplingParams | None = None, out: str | Path | None = None,
-                     chunk_size: int = 32, mode: str = "generate"
+                     chunk_size: int = 32, mode: str = "generate", length_control: bool = False
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Judge model A's answers against model B's on the prompts both answered.
 
@@ -273,7 +274,7 @@ def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Re
         return rows
 
     rows, _ = _resumable(items, lambda r: r["id"], process, out, chunk_size, mismatch)
-    summary = pairwise_summary(rows)
+    summary = pairwise_summary(rows, length_control=length_control)
     summary.update(unmatched_a=unmatched_a, unmatched_b=unmatched_b,
                    a=_generator(records_a), b=_generator(records_b))
     return rows, summary
@@ -310,8 +311,43 @@ def _generator(records: list[Record]) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str, Any]:
-    """Wins/ties/losses for A, win rate (wins + ties/2) / decided, position consistency.
+OUTCOME_POINTS = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def length_controlled_win_rate(outcomes: list[str], lengths_a: list[int], lengths_b: list[int]
+                               ) -> dict[str, Any]:
+    """A's win rate with the length difference regressed out (the idea of AlpacaEval 2's
+    length-controlled win rate, Dubois et al. 2024, arXiv 2404.04475).
+
+    Fit P(A wins) = σ(b0 + b1·x) over the decided prompts, x = tanh((len_a − len_b) / sd)
+    (character lengths; sd the standard deviation of the differences, so x is scale-free
+    and bounded), a tie counting as half a win; the LC win rate is the prediction at equal
+    length, σ(b0). How ours differs from AlpacaEval's GLM: theirs is fitted over a whole
+    leaderboard of models against one fixed baseline, with a per-model term, the length
+    term, and a per-instruction difficulty term, with regularisation; ours compares one
+    pair of models on one prompt set with only the length term (no difficulty term: each
+    prompt is seen once here, so it would absorb the outcome). `length_slope` > 0 means the
+    judge favoured the longer answer.
+    """
+    keep = [i for i, o in enumerate(outcomes) if o in OUTCOME_POINTS]
+    result: dict[str, Any] = {"lc_win_rate": None, "length_slope": None}
+    if not keep:
+        return result
+    diffs = [lengths_a[i] - lengths_b[i] for i in keep]
+    y = [OUTCOME_POINTS[outcomes[i]] for i in keep]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+    x = [math.tanh(d / sd) if sd > 0 else 0.0 for d in diffs]
+    b0, b1 = logistic_fit(x, y)
+    result.update(lc_win_rate=round(sigmoid(b0), 4), length_slope=round(b1, 4))
+    return result
+
+
+def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3,
+                     length_control: bool = False) -> dict[str, Any]:
+    """Wins/ties/losses for A, win rate (wins + ties/2) / decided, position consistency,
+    each side's mean answer length in characters (and with `length_control` the
+    length-controlled win rate, `length_controlled_win_rate`).
 
     Position consistency: among prompts with both orders readable, the share where the
     judge preferred the same model (or tie) in both orders. A judge that always picks the
@@ -328,6 +364,14 @@ def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str,
     p_a = [row["p_a"] for row in rows if row.get("p_a") is not None]
     points = [1.0] * outcomes["win"] + [0.5] * outcomes["tie"] + [0.0] * outcomes["loss"]
     win_rate, stderr = mean_and_stderr(points)
+    lengths_a = [len(row["a"]["content"]) for row in rows]
+    lengths_b = [len(row["b"]["content"]) for row in rows]
+    lengths: dict[str, Any] = {
+        "mean_length_a": round(sum(lengths_a) / len(rows), 1) if rows else None,
+        "mean_length_b": round(sum(lengths_b) / len(rows), 1) if rows else None}
+    if length_control:
+        lengths.update(length_controlled_win_rate([row["outcome"] for row in rows],
+                                                  lengths_a, lengths_b))
     return {
         "judge": rows[0].get("judge") if rows else None,
         "n": len(rows),
@@ -340,6 +384,7 @@ def pairwise_summary(rows: list[dict[str, Any]], examples: int = 3) -> dict[str,
         "unparseable_examples": [o["raw"] for o in orders if o["choice"] is None][:examples],
         "win_rate": None if win_rate is None else round(win_rate, 4),
         "win_rate_stderr": None if stderr is None else round(stderr, 4),
+        **lengths,
         "position_consistency": round(consistent / decided, 4) if decided else None,
         "first_position_rate": (round(sum(1 for o in lettered if o["choice"] == "A")
                                       / len(lettered), 4) if lettered else None),

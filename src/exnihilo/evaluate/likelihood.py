@@ -126,8 +126,8 @@ def logprob_scores(engine: Engine, records: list[Record], out: str | Path | None
         for record, top in zip(chunk, tops, strict=True):
             score, confidence, probs = expected_score(top)
             meta = dict(record.get("meta") or {})
-            meta["judge"] = {**setting, "score": None if score is None else round(score, 3),
-                             "confidence": round(confidence, 6),
+            meta["judge"] = {**setting, "score": None if score is None else round(score, 4),
+                             "confidence": confidence,
                              "probs": {k: round(v, 6) for k, v in probs.items()},
                              "raw": _top_text(top),
                              "reference": answer_parts(record)[2] is not None}
