@@ -294,3 +294,83 @@ def test_a_model_that_wins_regardless_of_length_keeps_its_lc_win_rate():
     result = length_controlled_win_rate(outcomes, lengths_a, [200] * 8)
     assert result["lc_win_rate"] == pytest.approx(0.75, abs=1e-3)
     assert result["length_slope"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------- panels
+
+
+def scoring_judge(name: str, table: dict[str, str]) -> ScriptedEngine:
+    """A judge whose answer is looked up by the response text it is shown."""
+    def answer(prompt: str) -> str:
+        shown = prompt.split("MODEL RESPONSE")[1]
+        return next(score for key, score in table.items() if key in shown)
+
+    return ScriptedEngine(answer, name=name)
+
+
+def failing_factory():
+    raise ExnihiloError("server http://down:1/v1 unreachable")
+
+
+def test_a_score_panel_pools_means_measures_agreement_and_counts_a_failed_judge(tmp_path):
+    from exnihilo.evaluate.panels import judge_file, judge_panel
+
+    records = [generated(f"q{i}", w) for i, w in enumerate(["alpha", "beta", "gamma"])]
+    one = scoring_judge("fake:one", {"alpha": "1", "beta": "2", "gamma": "3"})
+    two = scoring_judge("fake:two", {"alpha": "1", "beta": "2", "gamma": "4"})
+    judges = [("one", lambda: one), ("down", failing_factory), ("two", lambda: two)]
+    pooled, summary = judge_panel(judges, records, out=tmp_path / "panel.jsonl")
+    assert [r["meta"]["judge"]["score"] for r in pooled] == [1.0, 2.0, 3.5]
+    assert pooled[2]["meta"]["judge"]["scores"] == {"fake:one": 3.0, "fake:two": 4.0}
+    failed = [j for j in summary["judges"] if "failed" in j]
+    assert failed == [{"judge": "down", "failed": 3,
+                       "error": "ExnihiloError: server http://down:1/v1 unreachable"}]
+    assert summary["pooled"]["mean"] == pytest.approx((1 + 2 + 3.5) / 3, abs=0.01)
+    assert summary["agreement"]["krippendorff_alpha"] == pytest.approx(1 - 10 / 82, abs=1e-4)
+    assert summary["agreement"]["pairs"]["fake:one vs fake:two"] == {"n": 3, "spearman": 1.0}
+    assert judge_file(tmp_path / "panel.jsonl", "fake:one").exists()
+
+
+def test_majority_needs_more_than_half_of_the_readable_votes():
+    from exnihilo.evaluate.panels import majority
+
+    assert majority(["win", "win", "tie"]) == "win"
+    assert majority(["win", "loss"]) == "tie"
+    assert majority(["loss", "unparseable"]) == "loss"
+    assert majority(["unparseable"]) == "unparseable"
+
+
+def test_outcome_agreement_reports_kappa_beside_raw_agreement():
+    from exnihilo.evaluate.panels import outcome_agreement
+
+    got = outcome_agreement({
+        "j1": ["win", "win", "loss", "tie", "win", "loss", "unparseable"],
+        "j2": ["win", "loss", "loss", "tie", "win", "win", "win"],
+        "j3": ["tie"] * 7})
+    assert got["pairs"]["j1 vs j2"] == {"n": 6, "cohen_kappa": round(10 / 22, 4),
+                                        "raw_agreement": round(4 / 6, 4)}
+    # j3 always says tie: κ 0 for j1 (p_o = p_e = 1/6), though raw agreement is 1/6
+    assert got["pairs"]["j1 vs j3"]["cohen_kappa"] == pytest.approx(0.0)
+
+
+def test_a_pairwise_panel_pools_by_majority_and_keeps_each_judges_position_bias():
+    from exnihilo.evaluate.panels import pairwise_panel
+
+    def prefers_good(prompt: str) -> str:
+        return "A" if "good" in prompt[prompt.index("RESPONSE A"):prompt.index("RESPONSE B")] \
+            else "B"
+
+    a = [generated(f"q{i}", w) for i, w in enumerate(["good", "good", "bad"])]
+    b = [generated(f"q{i}", w) for i, w in enumerate(["bad", "bad", "good"])]
+    judges = [("g1", lambda: ScriptedEngine(prefers_good, name="fake:g1")),
+              ("g2", lambda: ScriptedEngine(prefers_good, name="fake:g2")),
+              ("first", lambda: ScriptedEngine(lambda _: "A", name="fake:first")),
+              ("down", failing_factory)]
+    pooled, summary = pairwise_panel(judges, a, b)
+    assert [r["outcome"] for r in pooled] == ["win", "win", "loss"]
+    assert pooled[0]["votes"] == {"fake:g1": "win", "fake:g2": "win", "fake:first": "tie"}
+    assert summary["pooled"]["wins"] == 2 and summary["pooled"]["losses"] == 1
+    rates = {j["judge"]: j.get("first_position_rate") for j in summary["judges"]}
+    assert rates == {"fake:g1": 0.5, "fake:g2": 0.5, "fake:first": 1.0, "down": None}
+    assert summary["agreement"]["pairs"]["fake:g1 vs fake:g2"]["cohen_kappa"] == 1.0
+    assert summary["agreement"]["pairs"]["fake:g1 vs fake:first"]["cohen_kappa"] == 0.0
