@@ -19,10 +19,19 @@ the objective signal to read beside it.
 Every stage that calls an engine writes its output JSONL by appending whole records
 (`JsonlAppender`), keyed by a stable id, so rerunning a killed command resumes it.
 
-The package's steps, each a module: `sets` (eval sets and answered records), `generation`,
-`judging` (0–100 and pairwise), `perplexity`, and `resumable` (append-as-you-go outputs).
+The package's steps, each a module: `sets` (eval sets and answered records), `generation`
+(single- and multi-turn), `judging` (0–100 and pairwise, with length control),
+`likelihood` (judging read from log-probabilities; option choice), `panels` (several
+judges, pooled, with their agreement), `choice` (multiple-choice accuracy by
+log-likelihood), `stats`, `perplexity`, and `resumable` (append-as-you-go outputs).
 """
 
+from exnihilo.evaluate.choice import (
+    choice_accuracy,
+    choice_summary,
+    load_choice_set,
+    option_orders,
+)
 from exnihilo.evaluate.generation import (
     STYLE_STOPS,
     generate_responses,
@@ -99,6 +108,10 @@ __all__ = [
     "STYLE_STOPS",
     "answer_parts",
     "auc",
+    "choice_accuracy",
+    "choice_summary",
+    "load_choice_set",
+    "option_orders",
     "bootstrap_interval",
     "choose_option",
     "choose_options",
