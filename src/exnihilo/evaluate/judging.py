@@ -241,7 +241,7 @@ def pairwise_compare(engine: Engine, records_a: list[Record], records_b: list[Re
         {"judge": name, "prompt": PAIRWISE_PROMPT_VERSION, "sampling": params.public()}
         if mode == "generate" else
         {"judge": name, "prompt": LOGPROB_PAIRWISE_PROMPT_VERSION, "mode": "logprob"})
-    items = [{"id": prompt_id(a), "messages": answer_parts(a)[0],
+    items = [{"id": prompt_id(a), "messages": _question(a),
               "meta": {"reference": answer_parts(a)[2], "a": _answer(a), "b": _answer(b)}}
              for a, b in pairs]
 
@@ -301,8 +301,24 @@ def _verdicts(engine: Engine, convs: list[list[Message]], params: SamplingParams
     return [{"raw": o.text, "choice": extract_choice(o.text)} for o in outs]
 
 
+def _multi_turn(record: Record) -> bool:
+    return sum(m["role"] == "assistant" for m in record["messages"]) > 1
+
+
+def _question(record: Record) -> list[Message]:
+    """What both answers respond to: the prompt, or for a multi-turn record its user turns
+    alone (each model's earlier answers belong to its own side)."""
+    if _multi_turn(record):
+        return [m for m in record["messages"] if m["role"] == "user"]
+    return answer_parts(record)[0]
+
+
 def _answer(record: Record) -> dict[str, Any]:
-    return {"content": record["messages"][-1]["content"], "record_id": record["id"],
+    """The side shown to a pairwise judge: the final answer, or for a multi-turn record the
+    model's whole conversation (MT-Bench's pairwise judge reads both conversations)."""
+    content = (format_conversation(record["messages"]) if _multi_turn(record)
+               else record["messages"][-1]["content"])
+    return {"content": content, "record_id": record["id"],
             "generator": (record.get("meta") or {}).get("generator")}
 
 
