@@ -374,3 +374,17 @@ def test_a_pairwise_panel_pools_by_majority_and_keeps_each_judges_position_bias(
     assert rates == {"fake:g1": 0.5, "fake:g2": 0.5, "fake:first": 1.0, "down": None}
     assert summary["agreement"]["pairs"]["fake:g1 vs fake:g2"]["cohen_kappa"] == 1.0
     assert summary["agreement"]["pairs"]["fake:g1 vs fake:first"]["cohen_kappa"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_embedded_judge_in_logprob_mode_scores_every_answer(real_engine):
+    records = [generated("What is the capital of France?", "Paris.", reference="Paris."),
+               generated("What is 2 + 2?", "Blue whales are large.", reference="4"),
+               generated("Name a primary color.", "", reference="Red.")]
+    results = judge_scores(real_engine, records, mode="logprob")
+    verdicts = [r["meta"]["judge"] for r in results]
+    assert all(v["score"] is not None and 0 <= v["score"] <= 100 for v in verdicts)
+    assert all(v["confidence"] > 0.01 for v in verdicts)
+    option, p = choose_option(real_engine, [{"role": "user", "content": "Is the sky blue? "
+                                             "Answer yes or no."}], ["Yes.", "No."])
+    assert option == "Yes." and 0.5 < p <= 1
