@@ -46,7 +46,7 @@ def _judge_factories(judges: list[str], engine: str, base_url: list[str], concur
     return factories
 
 
-def _print_panel(summary: dict[str, Any]) -> None:
+def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
     for judge in summary["judges"]:
         if "failed" in judge:
             err_console.print(f"[bold red]judge failed:[/bold red] {escape(judge['judge'])}: "
@@ -62,6 +62,8 @@ def _print_panel(summary: dict[str, Any]) -> None:
     for pair, values in agreement["pairs"].items():
         shown = "  ".join(f"{k} {v}" for k, v in values.items())
         console.print(f"  {escape(pair)}: {shown}", highlight=False)
+    for judge in judges:
+        _warn_if_weak(judge.partition("@")[0])
 
 
 def _judge_engine(judge: str, engine: str, base_url: list[str], concurrency: int,
@@ -134,7 +136,7 @@ def judge_command(
             _judge_factories(judge, engine, base_url, concurrency, batch_size, dtype),
             records, params, out=out, mode=mode)
         write_jsonl_atomic(out, pooled)
-        _print_panel(panel)
+        _print_panel(panel, judge)
         console.print(f"pooled scores → {out}", highlight=False)
         return
     judge = judge[0]
@@ -198,7 +200,7 @@ def pairwise_command(
         pooled, panel = pairwise_panel(factories, records_a, records_b, params, out=out,
                                        mode=mode, length_control=length_control)
         write_jsonl_atomic(out, pooled)
-        _print_panel(panel)
+        _print_panel(panel, judge)
         console.print(f"pooled verdicts → {out}", highlight=False)
         return
     _warn_if_weak(judge[0])

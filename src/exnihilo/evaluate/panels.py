@@ -33,6 +33,7 @@ from exnihilo.evaluate.judging import (
     judge_engine_name,
     judge_scores,
     judge_summary,
+    match_by_prompt,
     mean_and_stderr,
     pairwise_compare,
     pairwise_summary,
@@ -168,6 +169,7 @@ def pairwise_panel(judges: list[tuple[str, JudgeFactory]], records_a: list[Recor
     per_judge: dict[str, list[str]] = {}
     judges_out: list[dict[str, Any]] = []
     base_rows: list[dict[str, Any]] | None = None
+    n_prompts = len(match_by_prompt(records_a, records_b)[0])
     for label, factory in judges:
         def work(engine: Engine, label: str = label) -> tuple[list[dict], dict]:
             path = judge_file(out, judge_engine_name(engine)) if out is not None else None
@@ -176,7 +178,7 @@ def pairwise_panel(judges: list[tuple[str, JudgeFactory]], records_a: list[Recor
 
         name, result, error = _run_judge(label, factory, work)
         if result is None:
-            judges_out.append({"judge": name, "failed": "all", "error": error})
+            judges_out.append({"judge": name, "failed": n_prompts, "error": error})
             continue
         rows, summary = result
         if name in per_judge:
