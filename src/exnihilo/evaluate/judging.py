@@ -1,5 +1,7 @@
-"""Judging with a model that writes its verdict: 0–100 scores (ch07) and pairwise A/B in
-both orders (MT-Bench's conservative rule)."""
+"""Judging: 0–100 scores (ch07) and pairwise A/B in both orders (MT-Bench's conservative
+rule), with the verdict written by the judge (mode "generate") or read from its
+log-probabilities (mode "logprob", `likelihood`); pairwise also reports each side's mean
+length and, on request, the length-controlled win rate."""
 
 from __future__ import annotations
 
