@@ -92,8 +92,14 @@ def main() -> None:
         out[mode] = judge_mode(engine, right, wrong, mode)
     wrong_evals = [dict(r, meta=dict(r["meta"], reference=w))
                    for r, w in zip(evals, wrong_refs, strict=True)]
-    _, out["perplexity_right"] = perplexity(engine.model, engine.tokenizer, evals)
-    _, out["perplexity_wrong"] = perplexity(engine.model, engine.tokenizer, wrong_evals)
+    rows_right, out["perplexity_right"] = perplexity(engine.model, engine.tokenizer, evals)
+    rows_wrong, out["perplexity_wrong"] = perplexity(engine.model, engine.tokenizer,
+                                                     wrong_evals)
+    # the judge-free baseline on the same footing: how well each answer's own mean log-prob
+    # (given the prompt) separates right from wrong
+    value = auc([-r["nll"] / r["tokens"] for r in rows_right],
+                [-r["nll"] / r["tokens"] for r in rows_wrong])
+    out["perplexity_auc"] = None if value is None else round(value, 4)
     print(json.dumps(out, indent=2))
 
 
