@@ -116,3 +116,13 @@ def test_choice_on_tiny_llama_picks_the_likeliest_reply(tiny_llama, smol_tokeniz
         replies = [f"{'ABC'[i]}) {o}" for i, o in enumerate(shown)]
         sums = [s for s, _ in engine.reply_logprobs([conv] * 3, replies)]
         assert trial["picked"] == trial["order"][max(range(3), key=sums.__getitem__)]
+
+
+def test_cloze_style_scores_bare_option_texts_after_the_question_alone():
+    engine = LogprobScripted(reply=lambda prompt, reply: (-0.1 if reply == "Paris" else -4.0, 1))
+    rows, summary = choice_accuracy(engine, items_from(PLAIN[:1]), shuffles=4, style="cloze")
+    assert summary["accuracy"] == 1.0 and summary["shuffles"] == 1
+    conversation = engine.calls[0][1][0]
+    assert conversation == [{"role": "user", "content": "Capital of France?"}]
+    with pytest.raises(ExnihiloError, match="--style must be one of"):
+        choice_accuracy(engine, items_from(PLAIN[:1]), style="essay")

@@ -258,6 +258,10 @@ def choice_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the option orders and the bootstrap."),
     length_norm: bool = typer.Option(False, "--length-norm",
                                      help="Compare options by mean log-prob per token."),
+    style: str = typer.Option("lettered", "--style",
+                              help="lettered: options listed A), B)…, each scored as the "
+                                   "reply 'B) text'; cloze: the question alone, each option's "
+                                   "bare text scored (better for small models)."),
     limit: int = typer.Option(None, "--limit", "-n", help="Use the first N questions."),
     out: Path = typer.Option(None, "-o", "--out",
                              help="Per-question JSONL (appended as it goes; rerun to resume)."),
@@ -268,16 +272,21 @@ def choice_command(
 
     Each option, as the reply "B) its text", is scored by the model; the likeliest is its
     answer. Accuracy over questions with a bootstrap 95 % interval."""
+    from exnihilo.errors import ExnihiloError
     from exnihilo.evaluate import choice_accuracy, load_choice_set
     from exnihilo.records import check_writable
 
     if out is not None:
         check_writable(out)
+    from exnihilo.evaluate.choice import CHOICE_STYLES
+
+    if style not in CHOICE_STYLES:
+        raise ExnihiloError(f"--style must be one of {', '.join(CHOICE_STYLES)}, got {style!r}")
     items = load_choice_set(file, limit=limit)  # fail before loading a model
     scorer = build_engine("transformers", model, dtype=dtype, batch_size=batch_size,
                           label="scoring")
     _, summary = choice_accuracy(scorer, items, shuffles=shuffles, seed=seed,
-                                 length_norm=length_norm, out=out)
+                                 length_norm=length_norm, out=out, style=style)
     low, high = summary.pop("interval_95")
     summary["interval_95"] = f"[{low}, {high}]"
     console.print(_summary_table(f"multiple choice: {file.name}", summary))

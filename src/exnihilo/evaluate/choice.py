@@ -5,7 +5,13 @@ Each question is shown with its options lettered; every option, written as the r
 and the likeliest is the model's answer (as lm-evaluation-harness scores MMLU-style tasks;
 `length_norm` divides by the token count, its `acc_norm` idea with tokens for bytes).
 
-Small models prefer positions ("A)" above all), so the options are shown in several orders:
+`style="cloze"` shows the question alone and scores each option's bare text as the reply
+(lm-evaluation-harness's form for ARC or HellaSwag): no letters, no listing, so no order
+to cancel (one trial per question). It asks what the model knows without asking it to
+work a lettered format, which small models do poorly.
+
+Small models prefer positions ("A)" above all), so lettered options are shown in several
+orders:
 a seeded random order per question, then its rotations by 1, 2, … places. With as many
 shuffles as options, every option sits in every position exactly once and a position
 preference adds the same to every option. A question's accuracy is the share of its
@@ -35,7 +41,8 @@ from exnihilo.evaluate.stats import bootstrap_interval
 from exnihilo.records import content_id, iter_jsonl, validate_record
 
 LETTERS = "ABCDEFGHIJ"
-CHOICE_PROMPT_VERSION = "choice-lettered/v1"
+CHOICE_PROMPT_VERSION = "choice/v1"
+CHOICE_STYLES = ("lettered", "cloze")
 _OPTION = re.compile(r"^[ \t]*\(?([A-J])[).:][ \t]+(.+?)[ \t]*$")
 
 
@@ -164,15 +171,21 @@ def choice_prompt(question: str, shown: list[str]) -> str:
 
 def choice_accuracy(engine: Engine, items: list[dict[str, Any]], shuffles: int = 4,
                     seed: int = 0, length_norm: bool = False, out: str | Path | None = None,
-                    chunk_size: int = 8) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Score every item in `shuffles` option orders; rows (resumable in `out`) and summary
-    {accuracy, interval_95, first_position_rate, consistent, …}."""
+                    chunk_size: int = 8, style: str = "lettered"
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score every item in `shuffles` option orders (one for `style` "cloze"); rows
+    (resumable in `out`) and summary {accuracy, interval_95, first_position_rate,
+    consistent, …}."""
     require_logprobs(engine, "eval choice")
     if shuffles < 1:
         raise ExnihiloError(f"--shuffles must be at least 1, got {shuffles}")
+    if style not in CHOICE_STYLES:
+        raise ExnihiloError(f"--style must be one of {', '.join(CHOICE_STYLES)}, got {style!r}")
+    if style == "cloze":
+        shuffles = 1  # the options are not shown: their order cannot matter
     name = getattr(engine, "name", type(engine).__name__)
-    setting = {"model": name, "prompt": CHOICE_PROMPT_VERSION, "shuffles": shuffles,
-               "seed": seed, "length_norm": length_norm}
+    setting = {"model": name, "prompt": CHOICE_PROMPT_VERSION, "style": style,
+               "shuffles": shuffles, "seed": seed, "length_norm": length_norm}
 
     def mismatch(old: dict[str, Any]) -> str | None:
         theirs = {k: old.get(k) for k in setting}
@@ -184,9 +197,13 @@ def choice_accuracy(engine: Engine, items: list[dict[str, Any]], shuffles: int =
         for item in chunk:
             for order in option_orders(item, shuffles, seed):
                 shown = [item["options"][j] for j in order]
-                convs.append([{"role": "user", "content": choice_prompt(item["question"],
-                                                                        shown)}])
-                options.append([f"{LETTERS[i]}) {o}" for i, o in enumerate(shown)])
+                if style == "cloze":
+                    convs.append([{"role": "user", "content": item["question"]}])
+                    options.append(shown)
+                else:
+                    convs.append([{"role": "user", "content": choice_prompt(item["question"],
+                                                                            shown)}])
+                    options.append([f"{LETTERS[i]}) {o}" for i, o in enumerate(shown)])
                 plan.append(order)
         dists = option_distribution(engine, convs, options, length_norm)
         rows, k = [], 0
@@ -220,6 +237,7 @@ def choice_summary(rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     chance = (sum(1 / len(row["options"]) for row in rows) / len(rows)) if rows else None
     return {
         "model": rows[0]["model"] if rows else None,
+        "style": rows[0].get("style") if rows else None,
         "n": len(rows),
         "shuffles": rows[0]["shuffles"] if rows else None,
         "accuracy": None if mean is None else round(mean, 4),
