@@ -1,10 +1,15 @@
-"""Can a judge tell right answers from wrong ones? Judge vs perplexity, side by side.
+"""Can a judge tell right answers from wrong ones? Both judge modes and perplexity, side by
+side.
 
 "Right" answers are each ch07 prompt's own reference; "wrong" ones are the next prompt's
-reference. A useful judge scores right above wrong and, in pairwise (both orders), prefers
-right; reference perplexity is the judge-free baseline. Prints one JSON object.
+reference. For each judge mode (generate: the judge writes a 0-100 score; logprob: the
+expected digit under its probabilities) it reports how well scores separate right from
+wrong — AUC (P(a right answer scores above a wrong one), 0.5 = chance) and the mean gap —
+and, in pairwise right vs wrong (both orders), the right answer's win rate and the position
+bias (first_position_rate: share of verdicts for whichever answer was shown first; 0.5 is
+unbiased). Reference perplexity is the judge-free baseline. Prints one JSON object.
 
-Usage: python benchmarks/judge_sanity.py [--n 20] [--judge smollm2-135m-instruct]
+Usage: OMP_NUM_THREADS=1 python benchmarks/judge_sanity.py [--n 30] [--modes generate,logprob]
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from pathlib import Path
 
 os.environ.setdefault("EXNIHILO_NO_PROGRESS", "1")
 
+import torch  # noqa: E402
+
 from exnihilo.engines.transformers import TransformersEngine  # noqa: E402
 from exnihilo.evaluate import (  # noqa: E402
+    auc,
     judge_scores,
     judge_summary,
     load_eval_set,
@@ -35,9 +43,38 @@ def with_answer(record: Record, text: str, generator: str) -> Record:
     return make_record(record["messages"] + [{"role": "assistant", "content": text}], meta)
 
 
+def separation(right: list[Record], wrong: list[Record]) -> dict:
+    """AUC and mean gap of the judge's scores, right answers against wrong ones; records the
+    judge could not score are left out of both (and counted in the summaries)."""
+    def scores(rs: list[Record]) -> list[float]:
+        return [r["meta"]["judge"]["score"] for r in rs if r["meta"]["judge"]["score"] is not None]
+
+    pos, neg = scores(right), scores(wrong)
+    gap = (sum(pos) / len(pos) - sum(neg) / len(neg)) if pos and neg else None
+    value = auc(pos, neg)
+    return {"auc": None if value is None else round(value, 4),
+            "mean_gap": None if gap is None else round(gap, 2)}
+
+
+def judge_mode(engine: TransformersEngine, right: list[Record], wrong: list[Record],
+               mode: str) -> dict:
+    start = time.perf_counter()
+    judged_right = judge_scores(engine, right, mode=mode)
+    judged_wrong = judge_scores(engine, wrong, mode=mode)
+    _, pair = pairwise_compare(engine, right, wrong, mode=mode)
+    keep = ("win_rate", "wins", "ties", "losses", "unparseable_prompts",
+            "position_consistency", "first_position_rate", "mean_p_first", "mean_p_a",
+            "probability_win_rate")
+    return {**separation(judged_right, judged_wrong),
+            "right": judge_summary(judged_right), "wrong": judge_summary(judged_wrong),
+            "pairwise_right_vs_wrong": {k: pair.get(k) for k in keep if k in pair},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--modes", default="generate,logprob")
     parser.add_argument("--judge", default="smollm2-135m-instruct")
     parser.add_argument("--data", default=str(EVAL_SET))
     args = parser.parse_args()
@@ -48,17 +85,21 @@ def main() -> None:
     wrong_refs = [evals[(i + 1) % n]["meta"]["reference"] for i in range(n)]
     wrong = [with_answer(r, w, "shifted-reference") for r, w in zip(evals, wrong_refs,
                                                                     strict=True)]
+    torch.set_num_threads(1)
     engine = TransformersEngine(args.judge, batch_size=16)
     out: dict = {"judge": args.judge, "n": n}
-    start = time.perf_counter()
-    out["judge_right"] = judge_summary(judge_scores(engine, right))
-    out["judge_wrong"] = judge_summary(judge_scores(engine, wrong))
-    _, out["pairwise_right_vs_wrong"] = pairwise_compare(engine, right, wrong)
-    out["judge_seconds"] = round(time.perf_counter() - start, 1)
+    for mode in args.modes.split(","):
+        out[mode] = judge_mode(engine, right, wrong, mode)
     wrong_evals = [dict(r, meta=dict(r["meta"], reference=w))
                    for r, w in zip(evals, wrong_refs, strict=True)]
-    _, out["perplexity_right"] = perplexity(engine.model, engine.tokenizer, evals)
-    _, out["perplexity_wrong"] = perplexity(engine.model, engine.tokenizer, wrong_evals)
+    rows_right, out["perplexity_right"] = perplexity(engine.model, engine.tokenizer, evals)
+    rows_wrong, out["perplexity_wrong"] = perplexity(engine.model, engine.tokenizer,
+                                                     wrong_evals)
+    # the judge-free baseline on the same footing: how well each answer's own mean log-prob
+    # (given the prompt) separates right from wrong
+    value = auc([-r["nll"] / r["tokens"] for r in rows_right],
+                [-r["nll"] / r["tokens"] for r in rows_wrong])
+    out["perplexity_auc"] = None if value is None else round(value, 4)
     print(json.dumps(out, indent=2))
 
 

@@ -566,3 +566,15 @@ def test_cli_bad_input_fails_in_one_line_before_loading_a_model(tmp_path):
     line = one_error_line(run_cli("generate", "--data", str(tmp_path / "absent.json"),
                                   "-o", str(out)))
     assert "absent.json: no such file" in line and not out.exists()
+
+
+def test_cli_new_options_fail_in_one_line_before_loading_a_model(tmp_path):
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps(generated("q", "a")) + "\n", encoding="utf-8")
+    line = one_error_line(run_cli("eval", "judge", str(gen), "--mode", "vibes"))
+    assert "--mode must be one of generate, logprob" in line
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "q", "options": ["a"], "answer": 0}) + "\n",
+                  encoding="utf-8")
+    assert "mc.jsonl:1: needs 2 to 10 options" in one_error_line(run_cli("eval", "choice",
+                                                                         str(mc)))

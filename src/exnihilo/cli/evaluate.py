@@ -20,11 +20,50 @@ from exnihilo.cli.common import (
     err_console,
 )
 
-app = typer.Typer(help="Evaluate answers: judge scores (0-100), pairwise win rate, perplexity.",
+app = typer.Typer(help="Evaluate answers: judge scores (0-100), pairwise win rate, perplexity, "
+                       "multiple choice.",
                   no_args_is_help=True)
 
-JUDGE_HELP = ("Judge model (same forms as --model). The embedded 135M model works but is a "
-              "weak judge: point this at a strong model for real judgements.")
+JUDGE_HELP = ("Judge model (same forms as --model), or MODEL@URL for a model behind an "
+              "OpenAI-compatible server. Repeat for a panel of judges. The embedded 135M model "
+              "works but is a weak judge: point this at a strong model for real judgements.")
+MODE_HELP = ("generate: the judge writes its verdict; logprob: the verdict is read from its "
+             "log-probabilities (expected score digit, P(A) vs P(B)), never unparseable.")
+
+
+def _judge_factories(judges: list[str], engine: str, base_url: list[str], concurrency: int,
+                     batch_size: int, dtype: str) -> list[tuple[str, Any]]:
+    """(label, engine factory) per --judge; MODEL@URL means that model behind that server."""
+    factories = []
+    for spec in judges:
+        model, _, url = spec.partition("@")
+        if url:
+            factories.append((spec, lambda m=model, u=url: build_engine(
+                "openai", m, base_urls=[u], concurrency=concurrency, label="judging")))
+        else:
+            factories.append((spec, lambda m=model: _judge_engine(
+                m, engine, base_url, concurrency, batch_size, dtype)))
+    return factories
+
+
+def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
+    for judge in summary["judges"]:
+        if "failed" in judge:
+            err_console.print(f"[bold red]judge failed:[/bold red] {escape(judge['judge'])}: "
+                              f"{judge['failed']} not judged ({escape(str(judge['error']))})",
+                              highlight=False)
+        else:
+            console.print(_summary_table(f"judge {judge['judge']}", judge))
+    console.print(_summary_table("panel (pooled)", summary["pooled"]))
+    agreement = summary["agreement"]
+    if "krippendorff_alpha" in agreement:
+        console.print(f"agreement: Krippendorff's alpha (interval) "
+                      f"{agreement['krippendorff_alpha']}", highlight=False)
+    for pair, values in agreement["pairs"].items():
+        shown = "  ".join(f"{k} {v}" for k, v in values.items())
+        console.print(f"  {escape(pair)}: {shown}", highlight=False)
+    for judge in judges:
+        _warn_if_weak(judge.partition("@")[0])
 
 
 def _judge_engine(judge: str, engine: str, base_url: list[str], concurrency: int,
@@ -60,7 +99,9 @@ def _print_unparseable(examples: list[str]) -> None:
 @app.command("judge")
 def judge_command(
     file: Path = typer.Argument(..., help="JSONL of generated answers (`exnihilo generate`)."),
-    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-j", help=JUDGE_HELP),
+    judge: list[str] = typer.Option(["smollm2-135m-instruct"], "--judge", "-j",
+                                    help=JUDGE_HELP),
+    mode: str = typer.Option("generate", "--mode", help=MODE_HELP),
     out: Path = typer.Option(None, "-o", "--out",
                              help="Scored JSONL (default: FILE with .judged.jsonl; appended "
                                   "as it goes, rerun to resume)."),
@@ -79,17 +120,32 @@ def judge_command(
     from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import judge_scores, judge_summary, read_generations
+    from exnihilo.evaluate.judging import check_mode
     from exnihilo.resume import check_resumable
 
+    check_mode(mode)
     out = out or file.with_name(f"{file.stem}.judged.jsonl")
     check_engine(engine, base_url, dtype)
     check_resumable(out, "eval judge", None, inputs=[file])
     records = read_generations(file)
-    _warn_if_weak(judge)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             seed=seed)
-    judge_engine = _judge_engine(judge, engine, base_url, concurrency, batch_size, dtype)
-    results = judge_scores(judge_engine, records, params, out=out)
+    if len(judge) > 1:
+        from exnihilo.evaluate.panels import judge_panel
+        from exnihilo.records import write_jsonl_atomic
+
+        pooled, panel = judge_panel(
+            _judge_factories(judge, engine, base_url, concurrency, batch_size, dtype),
+            records, params, out=out, mode=mode)
+        write_jsonl_atomic(out, pooled)
+        _print_panel(panel, judge)
+        console.print(f"pooled scores → {out}", highlight=False)
+        return
+    judge = judge[0]
+    _warn_if_weak(judge)
+    judge_engine = _judge_factories([judge], engine, base_url, concurrency, batch_size,
+                                    dtype)[0][1]()
+    results = judge_scores(judge_engine, records, params, out=out, mode=mode)
     summary = judge_summary(results)
     console.print(_summary_table(f"judge scores → {out}", summary))
     histogram = "  ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
@@ -102,7 +158,12 @@ def judge_command(
 def pairwise_command(
     a: Path = typer.Argument(..., help="Answers of model A (JSONL from `exnihilo generate`)."),
     b: Path = typer.Argument(..., help="Answers of model B, to the same prompts."),
-    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-j", help=JUDGE_HELP),
+    judge: list[str] = typer.Option(["smollm2-135m-instruct"], "--judge", "-j",
+                                    help=JUDGE_HELP),
+    mode: str = typer.Option("generate", "--mode", help=MODE_HELP),
+    length_control: bool = typer.Option(
+        False, "--length-control",
+        help="Also report the win rate with the length difference regressed out."),
     out: Path = typer.Option(None, "-o", "--out",
                              help="Verdicts JSONL (default: A.vs.B.pairwise.jsonl beside A; "
                                   "rerun to resume)."),
@@ -122,8 +183,10 @@ def pairwise_command(
     from exnihilo.engines.base import SamplingParams
     from exnihilo.errors import ExnihiloError
     from exnihilo.evaluate import match_by_prompt, pairwise_compare, read_generations
+    from exnihilo.evaluate.judging import check_mode
     from exnihilo.resume import check_resumable
 
+    check_mode(mode)
     out = out or a.with_name(f"{a.stem}.vs.{b.stem}.pairwise.jsonl")
     check_engine(engine, base_url, dtype)
     check_resumable(out, "eval pairwise", None, inputs=[a, b])
@@ -131,16 +194,27 @@ def pairwise_command(
     if not match_by_prompt(records_a, records_b)[0]:  # before loading a judge
         raise ExnihiloError(f"{a} and {b} share no prompt: generate both from the same eval "
                             f"set")
-    _warn_if_weak(judge)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             seed=seed)
-    judge_engine = _judge_engine(judge, engine, base_url, concurrency, batch_size, dtype)
-    _, summary = pairwise_compare(judge_engine, records_a, records_b, params, out=out)
+    factories = _judge_factories(judge, engine, base_url, concurrency, batch_size, dtype)
+    if len(judge) > 1:
+        from exnihilo.evaluate.panels import pairwise_panel
+        from exnihilo.records import write_jsonl_atomic
+
+        pooled, panel = pairwise_panel(factories, records_a, records_b, params, out=out,
+                                       mode=mode, length_control=length_control)
+        write_jsonl_atomic(out, pooled)
+        _print_panel(panel, judge)
+        console.print(f"pooled verdicts → {out}", highlight=False)
+        return
+    _warn_if_weak(judge[0])
+    _, summary = pairwise_compare(factories[0][1](), records_a, records_b, params, out=out,
+                                  mode=mode, length_control=length_control)
     summary["a"] = f"{a.name} ({summary['a']})"
     summary["b"] = f"{b.name} ({summary['b']})"
     console.print(_summary_table(f"pairwise A vs B → {out}", summary))
     _print_unparseable(summary["unparseable_examples"])
-    _warn_if_weak(judge)
+    _warn_if_weak(judge[0])
 
 
 @app.command("perplexity")
@@ -178,3 +252,48 @@ def perplexity_command(
         write_jsonl_atomic(out, rows)
         summary["out"] = str(out)
     console.print(_summary_table("perplexity of the reference answers", summary))
+
+
+@app.command("choice")
+def choice_command(
+    file: Path = typer.Argument(..., help="Multiple-choice items: {question, options, answer} "
+                                          "JSON/JSONL, or `synth documents` records."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
+    shuffles: int = typer.Option(4, "--shuffles", min=1,
+                                 help="Option orders per question (rotations of a seeded "
+                                      "shuffle), to cancel position bias."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the option orders and the bootstrap."),
+    length_norm: bool = typer.Option(False, "--length-norm",
+                                     help="Compare options by mean log-prob per token."),
+    style: str = typer.Option("lettered", "--style",
+                              help="lettered: options listed A), B)…, each scored as the "
+                                   "reply 'B) text'; cloze: the question alone, each option's "
+                                   "bare text scored (better for small models)."),
+    limit: int = typer.Option(None, "--limit", "-n", help="Use the first N questions."),
+    out: Path = typer.Option(None, "-o", "--out",
+                             help="Per-question JSONL (appended as it goes; rerun to resume)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    dtype: str = dtype_option(),
+) -> None:
+    """Multiple-choice accuracy by the log-likelihood of each option (no judge).
+
+    Each option, as the reply "B) its text", is scored by the model; the likeliest is its
+    answer. Accuracy over questions with a bootstrap 95 % interval."""
+    from exnihilo.errors import ExnihiloError
+    from exnihilo.evaluate import choice_accuracy, load_choice_set
+    from exnihilo.records import check_writable
+
+    if out is not None:
+        check_writable(out)
+    from exnihilo.evaluate.choice import CHOICE_STYLES
+
+    if style not in CHOICE_STYLES:
+        raise ExnihiloError(f"--style must be one of {', '.join(CHOICE_STYLES)}, got {style!r}")
+    items = load_choice_set(file, limit=limit)  # fail before loading a model
+    scorer = build_engine("transformers", model, dtype=dtype, batch_size=batch_size,
+                          label="scoring")
+    _, summary = choice_accuracy(scorer, items, shuffles=shuffles, seed=seed,
+                                 length_norm=length_norm, out=out, style=style)
+    low, high = summary.pop("interval_95")
+    summary["interval_95"] = f"[{low}, {high}]"
+    console.print(_summary_table(f"multiple choice: {file.name}", summary))

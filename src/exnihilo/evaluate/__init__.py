@@ -19,10 +19,19 @@ the objective signal to read beside it.
 Every stage that calls an engine writes its output JSONL by appending whole records
 (`JsonlAppender`), keyed by a stable id, so rerunning a killed command resumes it.
 
-The package's steps, each a module: `sets` (eval sets and answered records), `generation`,
-`judging` (0–100 and pairwise), `perplexity`, and `resumable` (append-as-you-go outputs).
+The package's steps, each a module: `sets` (eval sets and answered records), `generation`
+(single- and multi-turn), `judging` (0–100 and pairwise, with length control),
+`likelihood` (judging read from log-probabilities; option choice), `panels` (several
+judges, pooled, with their agreement), `choice` (multiple-choice accuracy by
+log-likelihood), `stats`, `perplexity`, and `resumable` (append-as-you-go outputs).
 """
 
+from exnihilo.evaluate.choice import (
+    choice_accuracy,
+    choice_summary,
+    load_choice_set,
+    option_orders,
+)
 from exnihilo.evaluate.generation import (
     STYLE_STOPS,
     generate_responses,
@@ -30,6 +39,7 @@ from exnihilo.evaluate.generation import (
     record_seed,
 )
 from exnihilo.evaluate.judging import (
+    JUDGE_MODES,
     JUDGE_PARAMS,
     JUDGE_PROMPT_VERSION,
     PAIRWISE_PARAMS,
@@ -48,6 +58,16 @@ from exnihilo.evaluate.judging import (
     pairwise_summary,
     score_histogram,
 )
+from exnihilo.evaluate.likelihood import (
+    choose_option,
+    choose_options,
+    expected_score,
+    letter_choices,
+    logprob_judge_prompt,
+    logprob_scores,
+    option_distribution,
+    require_logprobs,
+)
 from exnihilo.evaluate.perplexity import (
     model_perplexity,
     perplexity,
@@ -65,11 +85,20 @@ from exnihilo.evaluate.sets import (
     resolve_style,
     split_reference,
 )
+from exnihilo.evaluate.stats import (
+    auc,
+    bootstrap_interval,
+    cohen_kappa,
+    krippendorff_alpha_interval,
+    logistic_fit,
+    spearman,
+)
 from exnihilo.train.run import RUN_INFO as RUN_FILE
 from exnihilo.train.run import run_style
 
 __all__ = [
     "EMBEDDED_JUDGES",
+    "JUDGE_MODES",
     "JUDGE_PARAMS",
     "JUDGE_PROMPT_VERSION",
     "Message",
@@ -78,6 +107,24 @@ __all__ = [
     "RUN_FILE",
     "STYLE_STOPS",
     "answer_parts",
+    "auc",
+    "choice_accuracy",
+    "choice_summary",
+    "load_choice_set",
+    "option_orders",
+    "bootstrap_interval",
+    "choose_option",
+    "choose_options",
+    "cohen_kappa",
+    "expected_score",
+    "krippendorff_alpha_interval",
+    "letter_choices",
+    "logistic_fit",
+    "logprob_judge_prompt",
+    "logprob_scores",
+    "option_distribution",
+    "require_logprobs",
+    "spearman",
     "combine_orders",
     "format_conversation",
     "generate_responses",

@@ -9,7 +9,7 @@ from typing import Any
 from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.resumable import _resumable
-from exnihilo.evaluate.sets import prompt_id, split_reference
+from exnihilo.evaluate.sets import prompt_id, split_reference, turn_prompts
 from exnihilo.records import Record, content_id
 from exnihilo.styles import check_style, render_prompt
 
@@ -38,10 +38,17 @@ def generate_responses(engine: Engine, records: list[Record], params: SamplingPa
     the prompt messages plus the generated assistant message, with the reference in
     meta["reference"] and meta.generator/style/sampling/seed/finish_reason. With `out`, each
     chunk is appended as it finishes and a rerun skips prompts already answered.
+
+    A multi-turn question (meta["turns"], `sets.turns_record`) is answered turn by turn,
+    each turn seeing the model's own earlier answers (as MT-Bench does); its record keeps
+    every turn, and is written once all its turns are answered.
     """
     check_style(style)
     if not records:
         raise ExnihiloError("no records to generate for")
+    if style != "chat" and any(turn_prompts(r) for r in records):
+        raise ExnihiloError(f"multi-turn questions need --style chat (style {style} is "
+                            f"single-turn)")
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     stops = STYLE_STOPS[style]
     run_params = params.model_copy(update={"stop": sorted(set(params.stop) | set(stops))})
@@ -56,6 +63,41 @@ def generate_responses(engine: Engine, records: list[Record], params: SamplingPa
         return None
 
     def process(chunk: list[Record]) -> list[Record]:
+        single = [r for r in chunk if not turn_prompts(r)]
+        multi = [r for r in chunk if turn_prompts(r)]
+        done = {prompt_id(r): r for r in single_turn(single) + multi_turn(multi)}
+        return [done[prompt_id(r)] for r in chunk]
+
+    def multi_turn(chunk: list[Record]) -> list[Record]:
+        """All questions' turn k in one batch, then turn k + 1 after each own answer."""
+        convs = [[] for _ in chunk]
+        finishes: list[list[str]] = [[] for _ in chunk]
+        tokens = [0] * len(chunk)
+        base = [record_seed(params.seed, prompt_id(r)) for r in chunk]
+        for k in range(max((len(turn_prompts(r)) for r in chunk), default=0)):
+            active = [i for i, r in enumerate(chunk) if k < len(turn_prompts(r))]
+            for i in active:
+                convs[i].append({"role": "user", "content": turn_prompts(chunk[i])[k]})
+            outs = engine.chat([list(convs[i]) for i in active], run_params,
+                               seeds=[base[i] + k for i in active])
+            for i, completion in zip(active, outs, strict=True):
+                convs[i].append({"role": "assistant", "content": completion.text.strip()})
+                finishes[i].append(completion.finish_reason)
+                tokens[i] += completion.completion_tokens
+        results = []
+        for i, record in enumerate(chunk):
+            meta = dict(record.get("meta") or {})
+            meta.pop("judge", None)
+            meta.update(prompt_id=prompt_id(record), reference=meta.get("reference"),
+                        generator=engine.name, style=style, sampling=sampling, seed=base[i],
+                        finish_reason="length" if "length" in finishes[i] else "stop",
+                        turn_finish_reasons=finishes[i], completion_tokens=tokens[i])
+            results.append({"id": content_id(convs[i]), "messages": convs[i], "meta": meta})
+        return results
+
+    def single_turn(chunk: list[Record]) -> list[Record]:
+        if not chunk:
+            return []
         prompts = [split_reference(r)[0] for r in chunk]
         seeds = [record_seed(params.seed, prompt_id(r)) for r in chunk]
         if style == "chat":

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from exnihilo.errors import ExnihiloError
-from exnihilo.records import Record, content_id, iter_jsonl, read_any, validate_record
+from exnihilo.records import (
+    Record,
+    content_id,
+    iter_jsonl,
+    make_record,
+    to_record,
+    validate_record,
+)
 from exnihilo.styles import check_style
 
 Message = dict[str, str]
@@ -46,13 +55,61 @@ def prompt_id(record: Record) -> str:
     return content_id(split_reference(record)[0])
 
 
+def turns_record(obj: dict[str, Any], where: str) -> Record:
+    """A multi-turn question (MT-Bench's question files: {"turns": [user message, …],
+    "reference": [answer per turn, …]?, "question_id", "category", …}) as a record: the first
+    user turn as its messages, every turn in meta["turns"] (`generation` answers them in
+    order), the per-turn references in meta["turn_references"]."""
+    turns = obj.get("turns")
+    if (not isinstance(turns, list) or not turns
+            or not all(isinstance(t, str) and t.strip() for t in turns)):
+        raise ExnihiloError(f"{where}: 'turns' must be a non-empty list of user messages")
+    references = obj.get("reference")
+    if references is not None and (not isinstance(references, list)
+                                   or len(references) != len(turns)):
+        raise ExnihiloError(f"{where}: 'reference' must list one answer per turn "
+                            f"({len(turns)})")
+    meta = {k: v for k, v in obj.items() if k not in ("turns", "reference")}
+    meta.update(turns=list(turns), turn_references=references)
+    return make_record([{"role": "user", "content": turns[0]}], meta)
+
+
+def turn_prompts(record: Record) -> list[str]:
+    """A record's user turns when it is a multi-turn question, else []."""
+    turns = (record.get("meta") or {}).get("turns")
+    return list(turns) if isinstance(turns, list) and len(turns) > 1 else []
+
+
+def read_eval_rows(path: str | Path) -> list[Record]:
+    """`records.read_any`, plus multi-turn questions (objects with "turns")."""
+    path = Path(path)
+    if not path.exists():
+        raise ExnihiloError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" or text.lstrip()[:1] == "[":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise ExnihiloError(f"{path}: expected a JSON array of records")
+        numbered = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
+    else:
+        numbered = [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
+    return [turns_record(obj, where) if isinstance(obj, dict) and "turns" in obj
+            and "messages" not in obj else to_record(obj, where) for where, obj in numbered]
+
+
 def load_eval_set(path: str | Path, limit: int | None = None, offset: int = 0
                   ) -> list[Record]:
-    """Eval records from our JSONL, Alpaca JSON/JSONL or ShareGPT: the prompt messages, with
-    the reference answer (when the data has one) moved to meta["reference"].
+    """Eval records from our JSONL, Alpaca JSON/JSONL, ShareGPT or multi-turn question
+    files: the prompt messages, with the reference answer (when the data has one) moved to
+    meta["reference"].
 
     Duplicate prompts are kept once (the first), so every model answers each prompt once and
     pairwise matching by prompt is unambiguous; `offset`/`limit` then slice in file order.
+    A multi-turn question is identified by all its turns, and its reference is the last
+    turn's (the answer a judge scores).
     """
     if limit is not None and limit <= 0:
         raise ExnihiloError(f"--limit must be positive, got {limit}")
@@ -60,11 +117,15 @@ def load_eval_set(path: str | Path, limit: int | None = None, offset: int = 0
         raise ExnihiloError(f"--offset must be >= 0, got {offset}")
     records: list[Record] = []
     seen: set[str] = set()
-    for index, source in enumerate(read_any(path)):
+    for index, source in enumerate(read_eval_rows(path)):
         prompt, reference = split_reference(source)
         if not any(m["role"] == "user" for m in prompt):
             raise ExnihiloError(f"{path}[{index}]: record has no user message to answer")
-        pid = content_id(prompt)
+        turns = turn_prompts(source)
+        if turns:
+            refs = (source.get("meta") or {}).get("turn_references")
+            reference = refs[-1] if refs else None
+        pid = content_id([{"role": "user", "content": t} for t in turns] if turns else prompt)
         if pid in seen:
             continue
         seen.add(pid)
