@@ -316,3 +316,50 @@ def test_reference_with_another_tokenizer_is_refused(smol_tokenizer):
     check_same_tokenizer(smol_tokenizer, smol_tokenizer, "same")
     with pytest.raises(ExnihiloError, match="--ref-model other uses another tokenizer"):
         check_same_tokenizer(smol_tokenizer, Other(), "other")
+
+
+# ------------------------------------------------------------------------------------ sDPO
+
+def test_sdpo_steps_start_at_ln2_with_the_previous_model_as_reference(tmp_path,
+                                                                      smol_tokenizer):
+    """K = 2: each step starts from (and is referenced to) the previous step's model, so each
+    step's first loss is ln 2; the last model is published in --out; a kill inside step 2
+    resumes there with the same final bytes."""
+    from exnihilo.train.sdpo import split_parts, step_dir
+
+    rows = [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in PREFS]
+    parts = split_parts(rows, 3, seed=0)
+    assert sorted(len(p) for p in parts) == [2, 3, 3]
+    assert sorted(json.dumps(r) for p in parts for r in p) == sorted(json.dumps(r)
+                                                                     for r in rows)
+    common = dict(steps=2, val_fraction=0.0, lr=1e-2, beta=0.5, batch_size=2, save_every=1,
+                  lora_dropout=0.0)
+    run_dpo(config(tmp_path, out="whole", **common),
+            model_obj=fresh_tiny(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    whole = tmp_path / "whole"
+    for t in (1, 2):
+        metrics = read_metrics(step_dir(whole, t))
+        assert len(metrics) == 2  # 4 pairs per step, batch 2
+        assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert abs(metrics[-1]["loss"] - math.log(2)) > 1e-4  # the step trained
+    info = json.loads((whole / "exnihilo_run.json").read_text())
+    assert info["kind"] == "sdpo" and len(info["steps"]) == 2
+    final = load_file(str(whole / "model.safetensors"))
+    step2 = load_file(str(step_dir(whole, 2) / "model.safetensors"))
+    assert all(torch.equal(final[k], step2[k]) for k in final)
+
+    calls = {"n": 0}
+
+    def kill_in_step_2(state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2's first optimizer step (checkpointed: save_every 1)
+            raise Killed
+    cut = config(tmp_path, out="cut", **common)
+    with pytest.raises(Killed):
+        run_dpo(cut, model_obj=fresh_tiny(len(smol_tokenizer)), tokenizer=smol_tokenizer,
+                on_step=kill_in_step_2)
+    assert (step_dir(tmp_path / "cut", 1) / "exnihilo_run.json").exists()
+    run_dpo(cut, resume=True, model_obj=fresh_tiny(len(smol_tokenizer)),
+            tokenizer=smol_tokenizer)
+    resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)

@@ -473,8 +473,17 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, on_step: Any = None, model_obj
             tokenizer: Any = None, ref_model_obj: Any = None, ref_tokenizer: Any = None,
             records: list[Any] | None = None) -> DPOResult:
     """Train and save. `model_obj`/`tokenizer`/`ref_model_obj` let tests pass tiny models;
-    `records` replaces reading `cfg.data` (sDPO's parts)."""
+    `records` replaces reading `cfg.data` (sDPO's parts). `cfg.steps` > 1 runs sDPO
+    (`train.sdpo`) and returns its last step's result."""
     check_options(cfg)
+    if cfg.steps > 1:
+        from exnihilo.train.sdpo import run_sdpo
+
+        results = run_sdpo(cfg, resume, on_step, model_obj, tokenizer, ref_model_obj)
+        last = results[-1]
+        if last is None:
+            raise ExnihiloError(f"--out {cfg.out}: every sDPO step had already finished")
+        return last
     out = Path(cfg.out)
     identity = run_identity(cfg, {"data": cfg.data})
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
