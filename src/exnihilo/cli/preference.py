@@ -230,3 +230,57 @@ def synth_constraints_command(
     counts = {k: sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
     console.print(f"[bold]done[/bold]: {len(rows)} prompts ({json.dumps(counts)} by number of "
                   f"constraints; {dropped} dropped as evaluation overlap) → {Path(out)}")
+
+
+def dice_command(
+    model: str = typer.Option(..., "--model", help="π_0: a DPO'd model folder (e.g. a "
+                              "`train dpo` run)."),
+    prompts: str = typer.Option(..., "--prompts", help="Prompts to sample (any records)."),
+    out: str = typer.Option(..., "--out", help="Output folder: iter-t/ per iteration "
+                            "(pairs, mix, model, manifest.json)."),
+    reference: str | None = typer.Option(None, "--reference", help="π_0's reference; "
+                                         "default: the base model its run recorded."),
+    iterations: int = typer.Option(2, "--iterations"),
+    n: int = typer.Option(8, "-n", help="Samples per prompt (DICE: 16)."),
+    min_valid: int = typer.Option(2, "--min-valid"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    alpha_step: float = typer.Option(0.001, "--alpha-step", help="Length-penalty sweep step."),
+    replay: float = typer.Option(0.0, "--replay", help="Share of offline pairs mixed in "
+                                 "(DICE: 0.5), on prompts disjoint from the new ones."),
+    offline: str | None = typer.Option(None, "--offline", help="Offline pairs to replay."),
+    beta: float = typer.Option(0.1, "--beta"),
+    lr: float | None = typer.Option(None, "--lr"),
+    epochs: int = typer.Option(1, "--epochs"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    style: str = typer.Option("chat", "--style"),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = dtype_option(),
+    threads: int | None = typer.Option(None, "--threads"),
+) -> None:
+    """DICE: iterate DPO on pairs the model ranks with its own implicit reward; rerun the
+    same command to resume at any stage."""
+    from exnihilo.train.dice import DiceConfig, run_dice
+
+    dpo = {"beta": beta, "epochs": epochs, "batch_size": batch_size, "dtype": dtype}
+    if lr is not None:
+        dpo["lr"] = lr
+    if max_steps is not None:
+        dpo["max_steps"] = max_steps
+    try:
+        cfg = DiceConfig(model=model, reference=reference, prompts=prompts, out=out,
+                         iterations=iterations, n=n, min_valid=min_valid,
+                         temperature=temperature, max_new_tokens=max_new_tokens,
+                         alpha_step=alpha_step, replay=replay, offline=offline, seed=seed,
+                         style=style, dpo=dpo)
+    except ValidationError as e:
+        raise _config_error(e) from None
+    _threads(threads)
+    manifests = run_dice(cfg, lambda m: build_engine("transformers", m, dtype,
+                                                     label="sampling"))
+    for m in manifests:
+        s = m["stages"]
+        console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
+                      f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
+                      f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
