@@ -132,7 +132,10 @@ def synth_pairs_command(
     n: int = typer.Option(8, "-n", help="Samples per prompt."),
     scorer: str = typer.Option("ifeval", "--scorer", help="ifeval (checkers on the prompt's "
                                "constraints), implicit (DPO reward of --model vs "
-                               "--reference) or judge (--judge-model rates 1-10)."),
+                               "--reference), judge (--judge-model rates 1-10) or reward "
+                               "(--reward-model, a sequence-classification model)."),
+    reward_model: str | None = typer.Option(None, "--reward-model", help="reward: e.g. a "
+                                            "`train reward` run."),
     reference: str | None = typer.Option(None, "--reference", help="implicit: the reference "
                                          "model the policy was trained against."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="judge: the rating "
@@ -163,8 +166,11 @@ def synth_pairs_command(
     from exnihilo.records import read_any
     from exnihilo.synth.preference import PairsConfig, synthesize_pairs
 
-    if scorer not in ("ifeval", "implicit", "judge"):
-        raise ExnihiloError(f"--scorer {scorer!r}: known scorers are ifeval, implicit, judge")
+    if scorer not in ("ifeval", "implicit", "judge", "reward"):
+        raise ExnihiloError(f"--scorer {scorer!r}: known scorers are ifeval, implicit, judge, "
+                            f"reward")
+    if scorer == "reward" and not reward_model:
+        raise ExnihiloError("--scorer reward needs --reward-model")
     if scorer == "implicit" and not reference:
         raise ExnihiloError("--scorer implicit needs --reference (the policy's reference)")
     if scorer == "judge" and not judge_model:
@@ -177,7 +183,7 @@ def synth_pairs_command(
                       alpha_step=alpha_step)
     _threads(threads)
     scoring = make_scorer(scorer, model, reference, judge_model, style, dtype, engine,
-                          base_url, concurrency)
+                          base_url, concurrency, reward_model)
     sampler = build_engine(engine, model, dtype, batch_size, base_url, concurrency,
                            label="sampling")
     summary = synthesize_pairs(sampler, scoring, records, cfg, out)
@@ -191,11 +197,16 @@ def synth_pairs_command(
 
 
 def make_scorer(kind: str, model: str, reference: str | None, judge_model: str | None,
-                style: str, dtype: str, engine: str, base_url: list[str], concurrency: int):
+                style: str, dtype: str, engine: str, base_url: list[str], concurrency: int,
+                reward_model: str | None = None):
     from exnihilo.synth.preference import IFEvalScorer, ImplicitScorer, JudgeScorer
 
     if kind == "ifeval":
         return IFEvalScorer()
+    if kind == "reward":
+        from exnihilo.train.reward import RewardScorer
+
+        return RewardScorer(str(reward_model), style, dtype=dtype)
     if kind == "implicit":
         from exnihilo.models import load_model, load_tokenizer
         from exnihilo.train.dpo import ModelReference, check_same_tokenizer
@@ -284,3 +295,46 @@ def dice_command(
         console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
                       f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
                       f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
+
+
+def reward_command(
+    data: str = typer.Option(..., "--data", help="Preference pairs (any supported format)."),
+    out: str = typer.Option(..., "--out", help="Output folder: a sequence-classification "
+                            "model (one scalar) plus metrics.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The causal LM under the head."),
+    style: str = typer.Option("chat", "--style"),
+    full: bool = typer.Option(False, "--full", help="Train every weight instead of LoRA."),
+    epochs: int = typer.Option(1, "--epochs"),
+    lr: float | None = typer.Option(None, "--lr", help="Default 1e-4 (LoRA), 1e-5 (full)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    max_length: int = typer.Option(512, "--max-length"),
+    lora_r: int = typer.Option(16, "--lora-r"),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Held-out pairs for "
+                                       "pairwise accuracy."),
+    eval_every: int = typer.Option(50, "--eval-every"),
+    save_every: int = typer.Option(50, "--save-every"),
+    resume: bool = typer.Option(False, "--resume"),
+    seed: int = typer.Option(0, "--seed"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    threads: int | None = typer.Option(None, "--threads"),
+) -> None:
+    """A Bradley–Terry reward model: a scalar head on a causal LM, trained on pairs."""
+    from exnihilo.train.reward import RewardConfig, run_reward
+
+    try:
+        cfg = RewardConfig(data=data, out=out, model=model, style=style, full=full,
+                           epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                           max_length=max_length, lora_r=lora_r, val_fraction=val_fraction,
+                           eval_every=eval_every, save_every=save_every, seed=seed,
+                           max_steps=max_steps, dtype=dtype)
+    except ValidationError as e:
+        raise _config_error(e) from None
+    _threads(threads)
+    result = run_reward(cfg, resume=resume)
+    acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
+    console.print(f"[bold]done[/bold]: {result.steps} steps in {result.train_seconds:.0f} s · "
+                  f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
+    console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
+                  f"--reward-model {result.out}`)")
