@@ -266,7 +266,7 @@ def sample_prompts(engine: Engine, scorer: Scorer, records: list[Record], cfg: P
             done[line["id"]] = line
         if done:
             progress.note(f"resuming: {len(done)} of {len(records)} prompts already sampled")
-        todo = [r for r in records if r["id"] not in done]
+        todo = list({r["id"]: r for r in records if r["id"] not in done}.values())
         params = cfg.sampling()
         for k in range(0, len(todo), cfg.prompts_per_call):
             chunk = todo[k:k + cfg.prompts_per_call]
@@ -288,7 +288,8 @@ def sample_prompts(engine: Engine, scorer: Scorer, records: list[Record], cfg: P
             progress.note(f"pairs: sampled {len(done)}/{len(records)} prompts")
     finally:
         writer.close()
-    return [done[r["id"]] for r in records if r["id"] in done]
+    unique = dict.fromkeys(r["id"] for r in records)  # a prompt listed twice: one pair
+    return [done[i] for i in unique if i in done]
 
 
 @dataclass
