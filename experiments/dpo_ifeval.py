@@ -40,9 +40,9 @@ IFEVAL = SHARED / "ifeval-input-data.jsonl"
 CH07 = SHARED / "rasbt-instruction-data.json"
 
 FULL = dict(train_prompts=240, dice_prompts=120, n=6, sample_tokens=256, eval_prompts=None,
-            eval_tokens=512, epochs=2, batch=8, ppl_records=100, batch_gen=16)
-QUICK = dict(train_prompts=8, dice_prompts=6, n=4, sample_tokens=64, eval_prompts=20,
-             eval_tokens=96, epochs=1, batch=4, ppl_records=20, batch_gen=20)
+            eval_tokens=512, epochs=2, batch=8, ppl_records=100, batch_gen=16, val=0.1)
+QUICK = dict(train_prompts=16, dice_prompts=8, n=4, sample_tokens=160, eval_prompts=20,
+             eval_tokens=96, epochs=1, batch=2, ppl_records=20, batch_gen=16, val=0.0)
 
 
 def instructions(start: int, count: int) -> list[dict[str, Any]]:
@@ -84,7 +84,7 @@ def stage_dpo(out: Path, s: dict[str, Any]) -> str:
     if not (folder / "exnihilo_run.json").exists():
         cfg = DPOConfig(data=str(out / "pairs.jsonl"), out=str(folder), beta=0.1, lr=5e-5,
                         epochs=s["epochs"], batch_size=s["batch"], max_length=768,
-                        val_fraction=0.1, eval_every=20, save_every=20)
+                        val_fraction=s["val"], eval_every=20, save_every=20)
         run_dpo(cfg, resume=folder.exists())
     return str(folder)
 
@@ -100,7 +100,7 @@ def stage_dice(out: Path, dpo: str, prompts: list[Any], s: dict[str, Any]) -> st
                      max_new_tokens=s["sample_tokens"], alpha_step=1e-3, replay=0.5,
                      offline=str(out / "pairs.jsonl"),
                      dpo=dict(beta=0.1, lr=5e-5, epochs=s["epochs"], batch_size=s["batch"],
-                              max_length=768, val_fraction=0.1))
+                              max_length=768, val_fraction=s["val"]))
     run_dice(cfg, lambda m: make_engine("transformers", m, batch_size=s["batch_gen"]))
     return str(iteration_dir(out / "dice", 1) / "model")
 

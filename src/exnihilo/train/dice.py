@@ -71,8 +71,8 @@ def mark(folder: Path, manifest: dict[str, Any], stage: str, info: dict[str, Any
 
 
 def default_reference(model: str) -> str:
-    info = read_run_info(model)
-    base = (info or {}).get("base_model")
+    info = read_run_info(model) or {}
+    base = info.get("reference_model") or info.get("base_model")
     if not base or str(base).startswith("in-memory"):
         raise ExnihiloError(f"--model {model}: no recorded base model to use as the "
                             f"reference; pass --reference")

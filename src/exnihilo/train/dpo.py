@@ -543,6 +543,9 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, on_step: Any = None, model_obj
     base_model = cfg.model if model_obj is None else f"in-memory {type(model_obj).__name__}"
     info = {"kind": "dpo", "style": cfg.style, "base_model": base_model,
             "config": cfg.model_dump(), "reference": ref_text,
+            # What the implicit reward of this model is measured against (DICE's scorer).
+            "reference_model": cfg.ref_model or (None if ref_model_obj is not None
+                                                 else cfg.model),
             "data": {k: v for k, v in asdict(data.report).items() if k != "skipped_ids"},
             "steps": result.steps, "train_loss": result.train_loss,
             "val_loss": result.val_loss, "final_metrics": final_metrics}
