@@ -363,3 +363,51 @@ def test_sdpo_steps_start_at_ln2_with_the_previous_model_as_reference(tmp_path,
             tokenizer=smol_tokenizer)
     resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_precomputed_reference_survives_a_kill(tmp_path, smol_tokenizer, monkeypatch):
+    """Killed after step 3 (checkpoint at 2): the resumed run reads the cached table (no
+    second reference pass) and ends with the uninterrupted run's bytes."""
+    monkeypatch.setenv("EXNIHILO_REF_CACHE", str(tmp_path / "cache"))
+    common = dict(precompute_ref=True, lora_dropout=0.1, lora_r=4, batch_size=1, lr=5e-3,
+                  beta=0.5, max_steps=4)
+    run_dpo(config(tmp_path, out="whole", **common), model_obj=fresh_tiny(len(smol_tokenizer)),
+            tokenizer=smol_tokenizer)
+    cut = config(tmp_path, out="cut", **common)
+    with pytest.raises(Killed):
+        run_dpo(cut, model_obj=fresh_tiny(len(smol_tokenizer)), tokenizer=smol_tokenizer,
+                on_step=_kill_at(3))
+    resumed = run_dpo(cut, resume=True, model_obj=fresh_tiny(len(smol_tokenizer)),
+                      tokenizer=smol_tokenizer)
+    assert resumed.ref_cached is True
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ref_model_with_another_tokenizer_fails_before_anything_loads(tmp_path,
+                                                                       smol_tokenizer):
+    class Other:
+        def get_vocab(self):
+            return {"a": 0}
+
+        def __len__(self):
+            return 1
+
+    with pytest.raises(ExnihiloError, match="another tokenizer"):
+        run_dpo(config(tmp_path, ref_model="some/other"), tokenizer=smol_tokenizer,
+                ref_tokenizer=Other())
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_finetuning_with_a_given_reference(tmp_path, smol_tokenizer):
+    """--ref-model (here in memory, another random model): the reference is that model, not
+    the starting weights, so step 1's loss is not ln 2 (the naive-computation test checks
+    the value itself)."""
+    ref = fresh_tiny(len(smol_tokenizer), seed=7)
+    result = run_dpo(config(tmp_path, full=True, max_steps=1, val_fraction=0.0, beta=0.5),
+                     model_obj=fresh_tiny(len(smol_tokenizer)), tokenizer=smol_tokenizer,
+                     ref_model_obj=ref)
+    first = read_metrics(tmp_path / "out")[0]
+    assert abs(first["loss"] - math.log(2)) > 1e-3
+    assert result.reference == "--ref-model in-memory"
