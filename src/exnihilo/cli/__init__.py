@@ -76,9 +76,14 @@ _register_optional()
 
 def _register_commands() -> None:
     """Commands that live in their own modules but belong to a verb group."""
-    from exnihilo.cli import evaluate, ifeval
+    from exnihilo.cli import evaluate, ifeval, preference, train
 
     evaluate.app.command("ifeval")(ifeval.ifeval_command)
+    train.app.command("dpo")(preference.dpo_command)
+    train.app.command("dice")(preference.dice_command)
+    train.app.command("reward")(preference.reward_command)
+    synth.app.command("pairs")(preference.synth_pairs_command)
+    synth.app.command("constraints")(preference.synth_constraints_command)
 
 
 _register_commands()

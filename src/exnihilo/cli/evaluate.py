@@ -49,9 +49,10 @@ def _judge_factories(judges: list[str], engine: str, base_url: list[str], concur
 def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
     for judge in summary["judges"]:
         if "failed" in judge:
-            err_console.print(f"[bold red]judge failed:[/bold red] {escape(judge['judge'])}: "
-                              f"{judge['failed']} not judged ({escape(str(judge['error']))})",
-                              highlight=False)
+            err_console.print(Text.assemble(
+                ("judge failed:", "bold red"),
+                f" {judge['judge']}: {judge['failed']} not judged ({judge['error']})"),
+                highlight=False)
         else:
             console.print(_summary_table(f"judge {judge['judge']}", judge))
     console.print(_summary_table("panel (pooled)", summary["pooled"]))
@@ -61,7 +62,7 @@ def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
                       f"{agreement['krippendorff_alpha']}", highlight=False)
     for pair, values in agreement["pairs"].items():
         shown = "  ".join(f"{k} {v}" for k, v in values.items())
-        console.print(f"  {escape(pair)}: {shown}", highlight=False)
+        console.print(f"  {pair}: {shown}", highlight=False)
     for judge in judges:
         _warn_if_weak(judge.partition("@")[0])
 

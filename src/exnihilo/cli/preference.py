@@ -113,7 +113,7 @@ def dpo_command(
     acc = m.get("val_reward_accuracy", m.get("reward_accuracy"))
     margin = m.get("val_reward_margin", m.get("reward_margin"))
     console.print(
-        f"[bold]done[/bold]: {result.steps} steps in {result.train_seconds:.0f} s · "
+        f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
         f"loss {result.train_loss:.4f} · reward accuracy "
         f"{'–' if acc is None else f'{acc:.2f}'} · margin "
         f"{'–' if margin is None else f'{margin:.3f}'} · {result.pairs_per_s:.2f} pairs/s")
@@ -188,7 +188,7 @@ def synth_pairs_command(
                            label="sampling")
     summary = synthesize_pairs(sampler, scoring, records, cfg, out)
     console.print(
-        f"[bold]done[/bold]: {summary.pairs} pairs from {summary.prompts} prompts "
+        f"done: {summary.pairs} pairs from {summary.prompts} prompts "
         f"({summary.too_few_valid} with too few valid samples, {summary.tied} tied) · "
         f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
         f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
@@ -239,7 +239,7 @@ def synth_constraints_command(
     rows, dropped = make_constraint_prompts(read_any(source), seed, max_constraints, eval_set)
     write_jsonl_atomic(out, rows)
     counts = {k: sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
-    console.print(f"[bold]done[/bold]: {len(rows)} prompts ({json.dumps(counts)} by number of "
+    console.print(f"done: {len(rows)} prompts ({json.dumps(counts)} by number of "
                   f"constraints; {dropped} dropped as evaluation overlap) → {Path(out)}")
 
 
@@ -334,7 +334,7 @@ def reward_command(
     _threads(threads)
     result = run_reward(cfg, resume=resume)
     acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
-    console.print(f"[bold]done[/bold]: {result.steps} steps in {result.train_seconds:.0f} s · "
+    console.print(f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
                   f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
     console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
                   f"--reward-model {result.out}`)")

@@ -9,7 +9,8 @@ from exnihilo.cli.common import console
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
-app = typer.Typer(help="Train a model: supervised finetuning (LoRA or full).",
+app = typer.Typer(help="Train a model: SFT, DPO/IPO/SimPO, DICE, reward models, pretraining, "
+                  "distillation.",
                   no_args_is_help=True)
 
 
