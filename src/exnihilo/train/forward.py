@@ -238,3 +238,64 @@ def model_divergence(student: Any, teacher: Any, batch: Batch, kind: Divergence 
             t_logits = head_logits(t_base, t) if has_plain_head(teacher) else t
         return token_divergence(head_logits(s_base, h), t_logits, kind, beta, temperature)
     return chunked(piece, s_hidden, teacher_side, chunk=chunk)
+
+
+# ------------------------------------------------------------- top-k (cached) teacher
+
+def teacher_topk(teacher: Any, batch: Batch, k: int, chunk: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely next tokens at every trained position: (log-probs
+    [N, k] fp32 under the full softmax at τ = 1, token ids [N, k]), descending. What
+    distillation caches so the teacher runs once (Gemma 2 stores such a subset)."""
+    chunk = chunk or LOGIT_CHUNK
+    with torch.no_grad():
+        if not has_plain_head(teacher):
+            logits, _ = trained_logits(teacher, batch)
+            top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            return top.values, top.indices
+        base = base_model(teacher)
+        hidden, _ = trained_hidden(teacher, batch)
+        values, indices = [], []
+        for s in range(0, hidden.shape[0], chunk):
+            logp = torch.log_softmax(head_logits(base, hidden[s:s + chunk]).float(), dim=-1)
+            top = logp.topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+        if not values:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+        return torch.cat(values), torch.cat(indices)
+
+
+def topk_divergence(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    teacher_indices: torch.Tensor, kind: Divergence = "forward_kl",
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """`token_divergence` restricted to the teacher's kept tokens, per row [N].
+
+    Both distributions are renormalized over the kept ids: the teacher's as
+    softmax(log p_T[kept] / τ), the student's as softmax(z_S[kept] / τ) — the student's
+    full softmax conditioned on the kept set. With k = vocabulary this is exactly
+    `token_divergence`; with k < vocabulary the mass outside the kept set is ignored on
+    both sides (a sampled-subset estimate, as Gemma 2's stored teacher distributions)."""
+    kept = student_logits.gather(-1, teacher_indices.long())
+    return token_divergence(kept, teacher_logprobs, kind, beta, temperature)
+
+
+def model_topk_divergence(student: Any, batch: Batch, kind: Divergence = "forward_kl",
+                          beta: float = 0.5, temperature: float = 1.0,
+                          chunk: int | None = None) -> torch.Tensor:
+    """Per trained position [N], `topk_divergence` of the student against the cached
+    teacher top-k carried in the batch (`teacher_logprobs`, `teacher_indices`, [B, T, k]).
+    Chunked like `token_logprobs`."""
+    chunk = chunk or LOGIT_CHUNK
+    keep = trained_mask(batch)
+    t_values = batch["teacher_logprobs"][keep]
+    t_indices = batch["teacher_indices"][keep]
+    if not has_plain_head(student):
+        s_logits, _ = trained_logits(student, batch)
+        return topk_divergence(s_logits, t_values, t_indices, kind, beta, temperature)
+    base = base_model(student)
+    hidden, _ = trained_hidden(student, batch)
+
+    def piece(h: torch.Tensor, v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return topk_divergence(head_logits(base, h), v, i, kind, beta, temperature)
+    return chunked(piece, hidden, t_values, t_indices, chunk=chunk)
