@@ -7,14 +7,16 @@ labels, at an equal token budget, by held-out perplexity.
 Both arms start from the same seeded Gemma 2 preset and see the same packed rows in the same
 order (same seed, same corpus, same --tokens); the only difference is the target: the
 data's next token (cross-entropy, `train pretrain`) or the teacher's top-k distribution
-(forward KL, τ = 1, `train distill`). Training text: the standard library's documentation
-of TRAIN_MODULES; held-out: other modules' documentation (experiments/common.py). The
-teacher's own perplexity is listed for reference.
+(forward KL, τ = 1, `train distill`), either with the rest of the vocabulary as one
+extra outcome (the default) or renormalized over the kept tokens. Training text: the
+standard library's documentation of TRAIN_MODULES; held-out: other modules' documentation
+(experiments/common.py). The teacher's own perplexity is listed for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -45,6 +47,11 @@ def corpora(out: Path, s: dict) -> tuple[Path, list[str]]:
     return write_text_jsonl(out / "data" / "train.jsonl", train), heldout
 
 
+def finished_run(folder: Path) -> dict:
+    """The last metrics line of a finished run (tokens, seconds, rate)."""
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="minutes, for CI")
@@ -65,22 +72,34 @@ def main() -> None:
     common = dict(data=str(data), seq_len=s["seq_len"], tokens=s["tokens"],
                   batch_size=s["batch_size"], lr=s["lr"], val_fraction=0.0, eval_every=0,
                   save_every=0, seed=args.seed, warmup_ratio=0.02)
-    arms = {}
     started = time.perf_counter()
-    hard = run_pretrain(PretrainConfig(out=str(out / "hard"), arch=s["preset"], **common),
-                        tokenizer=tokenizer)
-    arms["hard labels (cross-entropy)"] = (out / "hard", hard)
-    kd = run_distill(DistillConfig(out=str(out / "distill"), teacher=TEACHER,
-                                   student_arch=s["preset"], loss="forward_kl",
-                                   top_k=s["top_k"], **common), tokenizer=tokenizer)
-    arms[f"distilled (forward KL, top-{s['top_k']})"] = (out / "distill", kd)
+    runs = {
+        "hard labels (cross-entropy)": ("hard", lambda folder: run_pretrain(
+            PretrainConfig(out=str(folder), arch=s["preset"], **common), tokenizer=tokenizer)),
+        f"distilled (forward KL, top-{s['top_k']} + tail)": ("distill-tail", lambda folder:
+            run_distill(DistillConfig(out=str(folder), teacher=TEACHER,
+                                      student_arch=s["preset"], loss="forward_kl",
+                                      top_k=s["top_k"], **common), tokenizer=tokenizer)),
+        f"distilled (forward KL, top-{s['top_k']} renormalized)": ("distill-renorm",
+            lambda folder: run_distill(DistillConfig(
+                out=str(folder), teacher=TEACHER, student_arch=s["preset"],
+                loss="forward_kl", top_k=s["top_k"], topk_tail=False, **common),
+                tokenizer=tokenizer)),
+    }
+    arms = {}
+    for name, (sub, train) in runs.items():
+        folder = out / sub
+        if not (folder / "exnihilo_run.json").exists():  # finished arms are reused
+            train(folder)
+        arms[name] = (folder, finished_run(folder))
     rows, baseline = [], None
     for name, (folder, result) in arms.items():
         model = AutoModelForCausalLM.from_pretrained(folder)
         scores = document_nll(model, tokenizer, heldout, s["eval_len"])
         rows.append(arm_row(name, scores, baseline, {
-            "trained_tokens": s["tokens"], "train_seconds": result.train_seconds,
-            "tokens_per_s": result.trained_tokens_per_s}))
+            "trained_tokens": result["trained_tokens"],
+            "train_seconds": result["train_seconds"],
+            "tokens_per_s": result["trained_tokens_per_s"]}))
         baseline = baseline or scores
     teacher = document_nll(load_model(TEACHER), tokenizer, heldout, s["eval_len"])
     rows.append(arm_row(f"teacher {TEACHER} (reference)", teacher, None))

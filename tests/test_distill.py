@@ -29,22 +29,24 @@ def logits_of(probs):
     return torch.log(torch.tensor([probs]))
 
 
-def test_topk_divergence_hand_values():
+def test_renormalized_topk_divergence_hand_values():
     s, t = logits_of([0.1, 0.9]), logits_of([0.9, 0.1])
     idx = torch.tensor([[0, 1]])
     for kind in ("forward_kl", "reverse_kl"):
-        assert float(topk_divergence(s, t, idx, kind)) == pytest.approx(0.8 * math.log(9),
-                                                                         abs=1e-5)
+        for tail in (True, False):  # k = vocabulary: both variants are the full divergence
+            assert float(topk_divergence(s, t, idx, kind, tail=tail)) == pytest.approx(
+                0.8 * math.log(9), abs=1e-5)
     assert float(topk_divergence(s, t, idx, "jsd", beta=0.5)) == pytest.approx(0.368064,
                                                                               abs=1e-5)
-    assert float(topk_divergence(s, s, idx, "jsd")) == pytest.approx(0.0, abs=1e-7)
+    assert float(topk_divergence(s, s, idx, "jsd")) == pytest.approx(0.0, abs=1e-6)
     # k = 2 of 3 tokens: both sides renormalized over the kept ids {2, 0}.
     student = torch.tensor([[0.0, 0.0, 0.0]])
     teacher = torch.log(torch.tensor([[0.5, 0.2]]))  # log-probs of ids 2 and 0
     kept = torch.tensor([[2, 0]])
     expected = (0.5 / 0.7) * math.log((0.5 / 0.7) / 0.5) + (0.2 / 0.7) * math.log(
         (0.2 / 0.7) / 0.5)
-    assert float(topk_divergence(student, teacher, kept)) == pytest.approx(expected, abs=1e-6)
+    assert float(topk_divergence(student, teacher, kept, tail=False)) == pytest.approx(
+        expected, abs=1e-6)
 
 
 def test_topk_with_every_token_is_the_full_divergence():
@@ -52,8 +54,10 @@ def test_topk_with_every_token_is_the_full_divergence():
     s, t = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
     top = torch.log_softmax(t, -1).topk(11, dim=-1)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        torch.testing.assert_close(topk_divergence(s, top.values, top.indices, kind, 0.3, 0.7),
-                                   token_divergence(s, t, kind, 0.3, 0.7))
+        for tail in (True, False):
+            torch.testing.assert_close(
+                topk_divergence(s, top.values, top.indices, kind, 0.3, 0.7, tail),
+                token_divergence(s, t, kind, 0.3, 0.7))
 
 
 def docs_stream(tokenizer, seq_len=16):
@@ -211,3 +215,27 @@ def test_live_teacher_matches_full_cache(tmp_path, smol_tokenizer, tiny_gemma2, 
         a, _ = objective.loss_sum(student, live)
         b, _ = objective.loss_sum(student, cached)
     assert float(a) == pytest.approx(float(b), rel=1e-4)
+
+
+def test_topk_tail_bucket_is_exact_when_one_token_is_left_out():
+    """Teacher [.5, .3, .2] with ids {0, 1} kept: the tail bucket is token 2 itself, so
+    every divergence equals the full one (τ = 1), and the renormalized variant does not."""
+    teacher_full = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    student = torch.tensor([[0.3, -1.0, 0.8]], requires_grad=True)
+    kept = torch.tensor([[0, 1]])
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        full = token_divergence(student, teacher_full, kind, beta=0.3)
+        tail = topk_divergence(student, teacher_full[:, :2], kept, kind, beta=0.3)
+        torch.testing.assert_close(tail, full)
+    renorm = topk_divergence(student, teacher_full[:, :2], kept, tail=False)
+    full = token_divergence(student, teacher_full)
+    assert abs(float(renorm.detach()) - float(full.detach())) > 1e-3
+    # Uniform student over 3 tokens, by hand: Σ p_T ln(3 p_T).
+    by_hand = sum(p * math.log(3 * p) for p in (0.5, 0.3, 0.2))
+    assert float(topk_divergence(torch.zeros(1, 3), teacher_full[:, :2], kept)) == \
+        pytest.approx(by_hand, abs=1e-6)
+    # Gradients stay finite even when the kept set holds all the mass.
+    loss = topk_divergence(student, torch.log_softmax(teacher_full, -1),
+                           torch.tensor([[0, 1, 2]]), "jsd").sum()
+    loss.backward()
+    assert torch.isfinite(student.grad).all()

@@ -147,6 +147,9 @@ def distill_command(
                                        "sampled per prompt."),
     top_k: int = typer.Option(32, "--top-k", help="Cache the teacher's top-k log-probs once "
                               "(0: run the teacher live on the full distribution)."),
+    topk_renormalize: bool = typer.Option(False, "--topk-renormalize", help="Compare over "
+                                          "the top-k only, both sides renormalized (default: "
+                                          "the top-k plus one bucket for the rest)."),
     tokens: str | None = typer.Option(None, "--tokens", help="Token budget, e.g. 5M."),
     seq_len: int = typer.Option(512, "--seq-len"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -177,6 +180,7 @@ def distill_command(
             data=data, out=out, teacher=teacher, model=student or teacher,
             student_arch=student_arch, loss=loss, beta=beta, temperature=temperature,
             lmbda=lmbda, prompt_len=prompt_len, max_new_tokens=max_new_tokens, top_k=top_k,
+            topk_tail=not topk_renormalize,
             tokens=parse_token_count(tokens), seq_len=seq_len, batch_size=batch_size,
             grad_accum=grad_accum, epochs=epochs, lr=lr, full=not lora,
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,

@@ -19,7 +19,9 @@ and held-out row and its k most likely next tokens (log-probs under its full sof
 ids) go to safetensors shards under `$XDG_CACHE_HOME/exnihilo/teacher/<key>/`, keyed by a
 hash of the teacher's weights, the tokenized corpus and (seq_len, k); later epochs and
 reruns read them instead of running the teacher. The divergence is then taken over the
-kept tokens, both distributions renormalized over them (`forward.topk_divergence`).
+kept tokens plus one bucket for the rest of the vocabulary (exact masses at τ = 1), or,
+with `topk_tail=False`, over the kept tokens with both sides renormalized over them
+(`forward.topk_divergence` says why the tail bucket is the default).
 `top_k` = 0 runs the teacher live on every batch with the full distribution.
 """
 
@@ -99,6 +101,7 @@ class DistillConfig(TrainConfig):
     max_new_tokens: int = Field(64, ge=1)
     sample_temperature: float = Field(1.0, gt=0)
     top_k: int = Field(32, ge=0)  # 0: live teacher, full distribution
+    topk_tail: bool = True  # top-k + a tail bucket (False: renormalize over the kept ids)
     seq_len: int = Field(512, ge=2)
     tokens: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.02, ge=0, lt=1)
@@ -139,7 +142,8 @@ class DistillObjective:
     def loss_sum(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
         if "teacher_logprobs" in batch:
-            div = model_topk_divergence(model, batch, c.loss, c.beta, c.temperature)
+            div = model_topk_divergence(model, batch, c.loss, c.beta, c.temperature,
+                                        tail=c.topk_tail)
         else:
             div = model_divergence(model, self.teacher, batch, c.loss, c.beta, c.temperature)
         on_policy = float(batch.get("on_policy", torch.tensor(0)).item()) * div.numel()
