@@ -66,18 +66,32 @@ def synthesize(out: Path, s: dict) -> tuple[Path, Path]:
     return records, augmented
 
 
-def raw_chunks(records: Path, tokenizer, s: dict) -> list[str]:
-    """The raw text of exactly the chunks the synthesizer finished (same chunking)."""
-    from exnihilo.synth.documents import load_done
-    from exnihilo.synth.ingest import chunk_documents, pydoc_documents
+def raw_chunks(records: Path, augmented: list[str], seed: int = 0) -> list[str]:
+    """The raw text of exactly the chunks in the augmented corpus: each augmented text is
+    `chunk text + "\n\n" + rendered pairs`, and the rendering is reproducible (the
+    template is drawn from Random(f"{seed}:{chunk id}"), as `corpus_texts` does), so the
+    suffix is stripped exactly. (Re-chunking the module docs is not safe: their text can
+    differ between processes.) A text with no pairs is its chunk's raw text already."""
+    import random
 
-    report = pydoc_documents(TRAIN_MODULES[:s["modules"]])
-    chunks, _ = chunk_documents(report.documents, tokenizer, s["chunk_tokens"], 32)
-    done = load_done(records)
-    texts = [c.text.strip() for c in chunks if c.id in done]
-    if not texts:
-        raise SystemExit("no synthesized chunk matches the re-chunked documents")
-    return texts
+    from exnihilo.synth.documents import load_done
+    from exnihilo.synth.pairs import PAIR_TEMPLATES, Pair, render_pairs
+
+    suffixes = []
+    for cid, row in load_done(records).items():
+        pairs = [Pair(p["instruction"], p["response"]) for p in row["pairs"]
+                 if p.get("grounded") is not False]
+        if pairs:
+            template = random.Random(f"{seed}:{cid}").choice(PAIR_TEMPLATES)
+            suffixes.append("\n\n" + render_pairs(pairs, template))
+    raw = []
+    for text in augmented:
+        match = next((sfx for sfx in suffixes if text.endswith(sfx)), None)
+        raw.append(text[:-len(match)] if match else text)
+    stripped = sum(a != r for a, r in zip(augmented, raw, strict=True))
+    if stripped == 0:
+        raise SystemExit("no augmented text ends with its chunk's rendered pairs")
+    return raw
 
 
 def general_texts(n: int) -> list[str]:
@@ -107,8 +121,8 @@ def main() -> None:
     started = time.perf_counter()
     tokenizer = load_tokenizer(SYNTHESIZER)
     records, augmented = synthesize(out, s)
-    raw = raw_chunks(records, tokenizer, s)
     aug = [json.loads(line)["text"] for line in augmented.read_text().splitlines() if line]
+    raw = raw_chunks(records, aug)
     general = general_texts(len(raw))
     corpora = {"Vanilla PT (raw)": write_text_jsonl(out / "data" / "vanilla.jsonl", raw),
                "Mix PT (raw + general)": write_text_jsonl(out / "data" / "mix.jsonl",
