@@ -156,8 +156,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline_name: str) -> str:
         delta = "–" if "minus_baseline" not in r else (
             f"{r['minus_baseline']:+.1f} ({r['minus_baseline_ci95'][0]:+.1f} to "
             f"{r['minus_baseline_ci95'][1]:+.1f})")
-        lines.append(f"| {r['arm']} | {ci} | {delta} | {r.get('trained_tokens', '–')} | "
-                     f"{r.get('train_seconds', 0):.0f} |")
+        tokens = r.get("trained_tokens")
+        tokens = f"{int(tokens):,}" if tokens is not None else "–"
+        seconds = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "–"
+        lines.append(f"| {r['arm']} | {ci} | {delta} | {tokens} | {seconds} |")
     return "\n".join(lines)
 
 
