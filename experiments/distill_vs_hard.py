@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="minutes, for CI")
     parser.add_argument("--out", default="runs/exp-distill")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=None, help="override the budget")
+    parser.add_argument("--train-docs", type=int, default=None, help="override the corpus")
     args = parser.parse_args()
     threads(1)
     from transformers import AutoModelForCausalLM
@@ -65,7 +67,9 @@ def main() -> None:
     from exnihilo.train.distill import DistillConfig, run_distill
     from exnihilo.train.pretrain import PretrainConfig, run_pretrain
 
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL)
+    s.update({k: v for k, v in (("tokens", args.tokens), ("train_docs", args.train_docs))
+              if v is not None})
     out = Path(args.out)
     tokenizer = load_tokenizer(TEACHER)
     data, heldout = corpora(out, s)
