@@ -76,7 +76,7 @@ _register_optional()
 
 def _register_commands() -> None:
     """Commands that live in their own modules but belong to a verb group."""
-    from exnihilo.cli import evaluate, ifeval, preference, train
+    from exnihilo.cli import evaluate, ifeval, preference, pretrain, train
 
     evaluate.app.command("ifeval")(ifeval.ifeval_command)
     train.app.command("dpo")(preference.dpo_command)
@@ -84,6 +84,9 @@ def _register_commands() -> None:
     train.app.command("reward")(preference.reward_command)
     synth.app.command("pairs")(preference.synth_pairs_command)
     synth.app.command("constraints")(preference.synth_constraints_command)
+    train.app.command("pretrain")(pretrain.pretrain_command)
+    train.app.command("distill")(pretrain.distill_command)
+    app.command("prune")(pretrain.prune_command)
 
 
 _register_commands()
