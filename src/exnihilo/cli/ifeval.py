@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from exnihilo.cli.common import (
@@ -117,37 +116,26 @@ def ifeval_command(
     console.print(_instruction_table(summary["by_instruction"]))
     if other is not None:
         diff = paired_difference(results, other, resamples=resamples)
-        console.print(_summary_table(diff, title=f"this run minus {escape(str(compare))} "
+        console.print(_summary_table(diff, title=f"this run minus {str(compare)} "
                                                  f"({diff['n_prompts']} prompts)", signed=True))
     if out is not None:
-        console.print(f"results → {escape(str(out))}", highlight=False)
+        console.print(f"results → {str(out)}", highlight=False)
     if model is not None and responses_out is not None:
-        console.print(f"answers → {escape(str(responses_out))}", highlight=False)
+        console.print(f"answers → {str(responses_out)}", highlight=False)
 
 
 def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
               concurrency: int, batch_size: int, dtype: str, threads: int | None,
               max_new_tokens: int, responses_out: Path | None) -> list[str]:
-    """Greedy answers for every prompt, through the shared (resumable) generation path."""
-    from exnihilo.engines.base import SamplingParams
-    from exnihilo.evaluate import generate_responses, resolve_style
-    from exnihilo.records import content_id
+    from exnihilo.evaluate import resolve_style
+    from exnihilo.ifeval.run import answer_prompts
+    from exnihilo.threads import apply_threads
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    records = []
-    for row in inputs:
-        messages = [{"role": "user", "content": row.prompt}]
-        records.append({"id": content_id(messages), "messages": messages,
-                        "meta": {"ifeval_key": row.key}})
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0)
-    style = resolve_style(None, model)
+    apply_threads(threads)
     gen = build_engine(engine, model, dtype=dtype, batch_size=batch_size, base_urls=base_url,
                        concurrency=concurrency, label="ifeval")
-    results = generate_responses(gen, records, params, style=style, out=responses_out)
-    return [r["messages"][-1]["content"] for r in results]
+    return answer_prompts(gen, inputs, max_new_tokens, resolve_style(None, model),
+                          responses_out)
 
 
 def _pct(x: float, signed: bool = False) -> str:
@@ -178,5 +166,5 @@ def _instruction_table(by_instruction: dict[str, dict[str, Any]]) -> Table:
     table.add_column("strict %", justify="right")
     table.add_column("loose %", justify="right")
     for iid, row in by_instruction.items():
-        table.add_row(escape(iid), str(row["n"]), _pct(row["strict"]), _pct(row["loose"]))
+        table.add_row(iid, str(row["n"]), _pct(row["strict"]), _pct(row["loose"]))
     return table
