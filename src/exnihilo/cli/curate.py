@@ -53,6 +53,11 @@ def tag_command(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens",
                                        help="Longest judge answer, in tokens."),
     dtype: str = dtype_option(),
+    mode: str = typer.Option("generate", "--mode",
+                             help="generate: the judge writes a JSON verdict (needs a capable "
+                                  "judge); logprob: each tag is the label the judge finds most "
+                                  "likely, never unreadable (local engine or a server with "
+                                  "top_logprobs)."),
 ) -> None:
     """Tag quality, difficulty and task category with any model as the judge.
 
@@ -60,18 +65,20 @@ def tag_command(
     meta.tags; unreadable answers become null and are counted. Rerun to resume.
     """
     from exnihilo.assemble import check_engine
-    from exnihilo.curate.tags import tag_file, tag_settings
+    from exnihilo.curate.tags import MODES, tag_file, tag_settings
     from exnihilo.outputs import check_output
     from exnihilo.resume import check_resumable
 
+    if mode not in MODES:
+        raise ExnihiloError(f"--mode {mode!r}: known {', '.join(MODES)}")
     check_engine(engine, base_url, dtype)
     check_output(out, [data])
     check_resumable(out, "curate tag", tag_settings(f"{engine}:{judge}", score, seed,
-                                                     max_new_tokens), inputs=[data])
+                                                     max_new_tokens, mode), inputs=[data])
     model = build_engine(engine, judge, dtype=dtype, batch_size=batch_size,
                          base_urls=base_url, concurrency=concurrency, label="tagging")
     summary = tag_file(data, out, model, score=score, batch_size=batch_size, seed=seed,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, mode=mode)
     console.print(_counter_table(f"tags in {out}", summary.distributions,
                                  summary.output_records))
     unparsed = ", ".join(f"{k} {v}" for k, v in sorted(summary.unparsed.items())) or "none"

@@ -191,19 +191,89 @@ def tag_batch(records: list[Record], engine: Engine, *, score: bool = False, see
     return records
 
 
+TAG_LABELS = {"quality": QUALITY_LEVELS, "difficulty": DIFFICULTY_LEVELS,
+              "category": CATEGORIES}
+TAG_QUESTIONS = {
+    "quality": "How clear, specific and well-formed is the instruction?",
+    "difficulty": "How hard is the instruction to answer well?",
+    "category": "What is the instruction's main task?",
+}
+MODES = ("generate", "logprob")
+
+
+def single_tag_prompt(instruction: str, tag: str) -> list[dict[str, str]]:
+    """One question about one tag; the reply is scored as each label in turn."""
+    text = (f"{DATA_NOTICE}\n\n{fence('INSTRUCTION', instruction)}\n\n{TAG_QUESTIONS[tag]} "
+            f"Answer with one of: {', '.join(TAG_LABELS[tag])}.")
+    return [{"role": "user", "content": text}]
+
+
+def digit_score_prompt(instruction: str, response: str) -> list[dict[str, str]]:
+    text = (f"{DATA_NOTICE}\n\nScore how well the response answers the instruction, from 0 "
+            f"(useless or wrong) to 9 (correct, complete and clear).\n\n"
+            f"{fence('INSTRUCTION', instruction)}\n\n{fence('RESPONSE', response)}\n\n"
+            f"Respond with the single digit only.")
+    return [{"role": "user", "content": text}]
+
+
+def tag_batch_logprob(records: list[Record], engine: Engine, *, score: bool = False,
+                      seed: int = 0) -> list[Record]:
+    """Tags by option likelihood: each tag is the label whose reply the judge finds most
+    likely (`evaluate.likelihood.choose_options`), its probability over the labels kept in
+    meta.tagger.probabilities; the response score is the expected digit 0–9 (scaled to
+    0–100) from the judge's next-token probabilities. Nothing is ever unparsed."""
+    from exnihilo.evaluate.likelihood import choose_options, expected_score, require_logprobs
+
+    require_logprobs(engine, "curate tag --mode logprob")
+    instructions = [_require_instruction(r) for r in records]
+    picks = {tag: choose_options(engine, [single_tag_prompt(i, tag) for i in instructions],
+                                 list(labels))
+             for tag, labels in TAG_LABELS.items()}
+    scores: list[tuple[float | None, float] | None] = [None] * len(records)
+    if score:
+        rows = [(i, response_of(r)) for i, r in enumerate(records)]
+        rows = [(i, resp) for i, resp in rows if resp is not None]
+        if rows:
+            tops = engine.next_token_logprobs(  # type: ignore[attr-defined]
+                [digit_score_prompt(instructions[i], resp) for i, resp in rows])
+            for (i, _), top in zip(rows, tops, strict=True):
+                value, mass, _ = expected_score(top)
+                scores[i] = (None if value is None else round(value, 2), mass)
+    for i, record in enumerate(records):
+        tags: dict[str, Any] = {tag: picks[tag][i][0] for tag in TAG_LABELS}
+        tagger: dict[str, Any] = {
+            "judge": getattr(engine, "name", type(engine).__name__), "seed": seed,
+            "mode": "logprob",
+            "probabilities": {tag: round(picks[tag][i][1], 4) for tag in TAG_LABELS}}
+        if scores[i] is not None:
+            tags["score"] = scores[i][0]
+            tagger["score_confidence"] = round(scores[i][1], 4)
+        set_tags(record, **tags)
+        record["meta"]["tagger"] = tagger
+    return records
+
+
 def tag_records(records: Iterable[Record], engine: Engine, *, score: bool = False,
                 batch_size: int = 16, seed: int = 0,
-                max_new_tokens: int = 96) -> Iterator[Record]:
-    """Yield tagged records in input order, judging `batch_size` at a time."""
+                max_new_tokens: int = 96, mode: str = "generate") -> Iterator[Record]:
+    """Yield tagged records in input order, judging `batch_size` at a time; `mode`
+    "generate" parses a written JSON verdict, "logprob" reads option likelihoods."""
+    if mode not in MODES:
+        raise ExnihiloError(f"--mode {mode!r}: known {', '.join(MODES)}")
+
+    def run(batch: list[Record]) -> list[Record]:
+        if mode == "logprob":
+            return tag_batch_logprob(batch, engine, score=score, seed=seed)
+        return tag_batch(batch, engine, score=score, seed=seed, max_new_tokens=max_new_tokens)
+
     batch: list[Record] = []
     for record in records:
         batch.append(record)
         if len(batch) == batch_size:
-            yield from tag_batch(batch, engine, score=score, seed=seed,
-                                 max_new_tokens=max_new_tokens)
+            yield from run(batch)
             batch = []
     if batch:
-        yield from tag_batch(batch, engine, score=score, seed=seed, max_new_tokens=max_new_tokens)
+        yield from run(batch)
 
 
 def tag_distributions(records: Iterable[Record], score: bool) -> dict[str, Counter]:
@@ -223,15 +293,20 @@ def tag_distributions(records: Iterable[Record], score: bool) -> dict[str, Count
     return counts
 
 
-def tag_settings(judge: str, score: bool, seed: int, max_new_tokens: int) -> dict[str, Any]:
+def tag_settings(judge: str, score: bool, seed: int, max_new_tokens: int,
+                 mode: str = "generate") -> dict[str, Any]:
     """The settings that change a record's tags (`judge` is the engine name, e.g.
     "transformers:smollm2-135m-instruct"); a resumed output must have been made with these."""
-    return {"judge": judge, "score": score, "seed": seed, "max_new_tokens": max_new_tokens}
+    settings = {"judge": judge, "score": score, "seed": seed, "max_new_tokens": max_new_tokens}
+    if mode != "generate":  # files written before modes existed stay resumable
+        settings["mode"] = mode
+    return settings
 
 
 def tag_file(input_path: str | Path, output_path: str | Path, engine: Engine, *,
              score: bool = False, batch_size: int = 16, seed: int = 0,
-             max_new_tokens: int = 96, progress: Any = None) -> TagSummary:
+             max_new_tokens: int = 96, progress: Any = None,
+             mode: str = "generate") -> TagSummary:
     """Tag every record of `input_path` into `output_path`, resuming a killed run.
 
     Records whose id (or, without one, content id) is already in the output are skipped,
@@ -246,7 +321,7 @@ def tag_file(input_path: str | Path, output_path: str | Path, engine: Engine, *,
         raise ExnihiloError(f"{input_path}: no records (empty file)")
     summary = TagSummary(input_records=len(records))
     settings = tag_settings(getattr(engine, "name", type(engine).__name__), score, seed,
-                            max_new_tokens)
+                            max_new_tokens, mode)
     with ResumableOutput(output_path, "curate tag", settings, inputs=[input_path]) as output:
         todo: list[Record] = []
         seen: set[str] = set()
@@ -259,7 +334,7 @@ def tag_file(input_path: str | Path, output_path: str | Path, engine: Engine, *,
                 seen.add(record["id"])
                 todo.append(record)
         for record in tag_records(todo, engine, score=score, batch_size=batch_size, seed=seed,
-                                  max_new_tokens=max_new_tokens):
+                                  max_new_tokens=max_new_tokens, mode=mode):
             output.append(record)
             summary.tagged += 1
             for key in (record["meta"].get("tagger") or {}).get("unparsed", []):
