@@ -33,16 +33,16 @@ test-deps: install
 	@for s in scripts/test-deps/*.sh; do [ -f "$$s" ] || continue; echo "== $$s"; bash "$$s" || exit 1; done
 
 test: install test-deps
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest -q
 
 # Your own loop: everything but the real-model, server and browser tests, one thread.
 test-fast: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	EXNIHILO_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not server and not browser"
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: install

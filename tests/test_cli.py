@@ -85,3 +85,13 @@ def test_help_explains_magpie():
     r = run_cli("synth", "magpie", "--help")
     assert r.returncode == 0
     assert "pre-query" in r.stdout and "--no-system" in r.stdout and "resume" in r.stdout
+
+
+def test_version_and_threads_options():
+    from importlib.metadata import version
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"exnihilo {version('exnihilo')}"
+    assert_one_line_error(run_cli("--threads", "0", "models"), "--threads must be at least 1")
+    assert_one_line_error(run_cli("models", env_extra={"EXNIHILO_THREADS": "two"}),
+                          "EXNIHILO_THREADS")

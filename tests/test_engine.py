@@ -175,3 +175,48 @@ def test_registry_builds_engines_by_kind_and_names_the_known_ones(tiny_llama, sm
     local = make_engine("transformers", "tiny", model_obj=tiny_llama, tokenizer=smol_tokenizer)
     assert local.context_length == tiny_llama.config.max_position_embeddings
     assert local.label == "generating" and local.tokenizer is smol_tokenizer
+
+
+def test_continuous_batching_gives_each_row_the_text_it_gets_alone(tiny_llama, smol_tokenizer):
+    """Waiting prompts join a running batch as rows finish (refill); every row's text is
+    what the plain one-batch-at-a-time loop gives it, greedy and sampled alike."""
+    prompts = [f"Prompt number {i} " + "word " * (i % 4) for i in range(7)]
+    ids = torch.tensor([smol_tokenizer(prompts[3], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():  # prompt 3's greedy first token: some rows stop at once
+        stop_at = int(tiny_llama(input_ids=ids).logits[0, -1].argmax())
+    lengths = set()
+    for params in (SamplingParams(temperature=0.0, max_new_tokens=9),
+                   SamplingParams(temperature=1.0, max_new_tokens=9, seed=3)):
+        refill = make_engine(tiny_llama, smol_tokenizer, batch_size=3)
+        plain = make_engine(tiny_llama, smol_tokenizer, batch_size=3)
+        assert refill.refill
+        plain.refill = False
+        for engine in (refill, plain):  # a common token stops some rows early
+            engine._stop_ids = {stop_at}
+        got = refill.complete(prompts, params)
+        want = plain.complete(prompts, params)
+        assert [c.text for c in got] == [c.text for c in want]
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+        lengths |= {c.completion_tokens for c in got}
+    assert len(lengths) > 1  # rows did finish at other times
+
+
+def test_growing_cache_merge_pads_left_and_keeps_rows():
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from exnihilo.engines.kvcache import growing_cache, merge_rows, supports_growing
+
+    model = LlamaForCausalLM(tiny_llama_config(64))
+    assert supports_growing(model)
+    a, b = growing_cache(model), growing_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]), cache=a, use_cache=True)
+        model(input_ids=torch.tensor([[9, 10], [11, 12]]), cache=b, use_cache=True)
+    keys_a = a.layers[0].keys.clone()
+    merged, mask = merge_rows(a, b, torch.ones(1, 4, dtype=torch.long),
+                              torch.ones(2, 2, dtype=torch.long))
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]
+    assert merged.layers[0].keys.shape[0] == 3 and merged.get_seq_length() == 4
+    assert torch.equal(merged.layers[0].keys[0], keys_a[0])
+    assert torch.count_nonzero(merged.layers[0].keys[1:, :, :2]) == 0

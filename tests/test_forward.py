@@ -358,3 +358,18 @@ def test_resume_with_other_hooks_is_refused(tmp_path):
 
 def test_forward_module_constants():
     assert forward.IGNORE_INDEX == -100 and "llama" in forward.PLAIN_HEAD
+
+
+def test_dora_option_adds_magnitude_vectors_and_trains(tmp_path):
+    from exnihilo.train.run import TrainConfig, add_lora
+
+    cfg = TrainConfig(out=str(tmp_path), dora=True, lora_r=4, lora_targets=["q_proj"])
+    model = add_lora(tiny(), cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)
+    batches = [collate_padded(examples(s), PAD, EOS, True) for s in range(2)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_loop(model, _SumObjective(), lambda e: batches, lambda b: b, [], tmp_path / "o",
+               LoopConfig(lr=1e-2, save_every=0, eval_every=0))
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before if "magnitude" in n)

@@ -180,6 +180,40 @@ def test_lora_merge_and_save_reloads_with_same_logits(tmp_path, smol_tokenizer):
         again = reloaded(input_ids=ids).logits
     assert torch.allclose(adapted, again, atol=1e-5)
     assert json.loads((out / RUN_INFO).read_text()) == {"style": "phi3"}
+    # The adapter is kept beside the merged model: base + adapter gives the same logits.
+    from peft import PeftModel
+
+    with_adapter = PeftModel.from_pretrained(fresh_tiny(len(smol_tokenizer)), out / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(input_ids=ids).logits, again, atol=1e-5)
+    # The phi3 style is baked into the saved chat template: servers prompt it as trained.
+    from transformers import AutoTokenizer
+
+    from exnihilo.styles import render_prompt
+
+    saved = AutoTokenizer.from_pretrained(out)
+    conv = [{"role": "user", "content": "Name a colour."}]
+    assert saved.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
+        render_prompt(conv, "phi3", smol_tokenizer)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "prompt style `phi3`" in card
+    assert "log_history" in json.loads((out / "trainer_state.json").read_text())
+
+
+def test_alpaca_style_template_matches_training_prompt(smol_tokenizer):
+    import copy
+
+    from exnihilo.styles import render_prompt, render_segments, style_chat_template
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = style_chat_template("alpaca")
+    conv = [{"role": "user", "content": "Rewrite: it's 'quoted'."},
+            {"role": "assistant", "content": "It is quoted."}]
+    assert tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True) == \
+        render_prompt(conv, "alpaca", smol_tokenizer)
+    full = "".join(t for t, _ in render_segments(conv, "alpaca", smol_tokenizer))
+    assert tok.apply_chat_template(conv, tokenize=False) == full + tok.eos_token
+    assert style_chat_template("chat") is None
 
 
 # ------------------------------------------------------------------------------ bad input

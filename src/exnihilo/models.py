@@ -105,8 +105,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    Console(stderr=True).print(f"[dim]converting {gguf.name} → {target} (once, ~30 s)[/dim]",
-                               soft_wrap=True)
+    Console(stderr=True, markup=False).print(
+        f"converting {gguf.name} → {target} (once, ~30 s)", style="dim", soft_wrap=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, markup=False)  # messages hold file names: data
 
 
 def enabled() -> bool:
@@ -64,4 +64,4 @@ def note(message: str) -> None:
     """A dim status line on stderr (kept in logs too: it is one line per long step)."""
     if os.environ.get("EXNIHILO_QUIET"):
         return
-    _console.print(f"[dim]{message}[/dim]", soft_wrap=True)
+    _console.print(message, style="dim", soft_wrap=True, highlight=False)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from exnihilo import outputs
 from exnihilo.errors import ExnihiloError
 
 Message = dict[str, str]
@@ -64,21 +64,45 @@ def validate_record(obj: Any, where: str) -> Record:
             raise ExnihiloError(
                 f"{where}: messages[{i}] must be {{'role': system|user|assistant, "
                 f"'content': str}}, got {json.dumps(m)[:80]}")
-    if "id" not in obj:
+    for key in ("chosen", "rejected"):
+        m = obj.get(key)
+        if m is not None and not (isinstance(m, dict) and m.get("role") in ROLES
+                                  and isinstance(m.get("content"), str)):
+            raise ExnihiloError(f"{where}: '{key}' must be {{'role': ..., 'content': str}}, "
+                                f"got {json.dumps(m)[:80]}")
+    if obj.get("meta") is None:
+        obj["meta"] = {}
+    elif not isinstance(obj["meta"], dict):
+        raise ExnihiloError(f"{where}: 'meta' must be an object, got "
+                            f"{type(obj['meta']).__name__}")
+    # A row without a usable id gets its content id, so resume can always match it.
+    if isinstance(obj.get("id"), int) and not isinstance(obj.get("id"), bool):
+        obj["id"] = str(obj["id"])
+    if not isinstance(obj.get("id"), str) or not obj["id"]:
         obj["id"] = content_id(messages, obj.get("chosen"), obj.get("rejected"))
-    obj.setdefault("meta", {})
     return obj
 
 
 # ---------------------------------------------------------------------------------- reading
 
+def _check_input(path: Path) -> None:
+    if not path.exists():
+        raise ExnihiloError(f"{path}: no such file")
+    if path.is_dir():
+        raise ExnihiloError(f"{path}: is a directory, expected a data file")
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield (line_number, parsed_object) for each non-blank line; errors name file:line."""
     path = Path(path)
-    if not path.exists():
-        raise ExnihiloError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    _check_input(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ExnihiloError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of "
+                                    f"the line); convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -86,6 +110,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise ExnihiloError(f"{path}:{lineno}: malformed JSON ({e.msg} at column "
                                     f"{e.colno})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 file; a folder, a missing file or undecodable bytes are one-line errors
+    naming the line."""
+    path = Path(path)
+    _check_input(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ExnihiloError(f"{path}:{line}: not UTF-8 text; convert the file to UTF-8") from None
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -96,12 +133,12 @@ def read_records(path: str | Path) -> list[Record]:
 def read_any(path: str | Path) -> list[Record]:
     """Read our JSONL records, Alpaca (JSON array or JSONL) or ShareGPT into schema records."""
     path = Path(path)
-    if not path.exists():
-        raise ExnihiloError(f"{path}: no such file")
-    text_head = path.read_text(encoding="utf-8")[:1].lstrip()
-    if path.suffix == ".json" or text_head == "[":
+    _check_input(path)
+    with path.open("rb") as f:
+        text_head = f.read(4096).lstrip()[:1]
+    if path.suffix == ".json" or text_head == b"[":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(rows, list):
@@ -152,7 +189,13 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 def from_sharegpt(obj: dict[str, Any], where: str = "sharegpt") -> Record:
     """ShareGPT {conversations: [{from, value}]} → schema record."""
     messages = []
-    for i, turn in enumerate(obj.get("conversations") or []):
+    turns = obj.get("conversations") or []
+    if not isinstance(turns, list):
+        raise ExnihiloError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ExnihiloError(f"{where}: conversations[{i}] must be an object {{from, value}}, "
+                                f"got {type(turn).__name__}")
         role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
         if role is None or not isinstance(turn.get("value"), str):
             raise ExnihiloError(f"{where}: conversations[{i}] has unknown role "
@@ -181,121 +224,66 @@ def to_sharegpt(record: Record) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- writing
+# The output discipline itself (atomic writes, locks, torn-tail repair) lives in
+# `exnihilo.outputs`; these names stay here because every writer imports them from here.
 
-def dumps(record: Record) -> str:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[Record]) -> int:
-    """Write all rows to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    check_writable(path)
-    n = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(dumps(row) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
-
-
-def check_writable(path: str | Path) -> None:
-    """Fail early, with one clear line, if `path` cannot be created or appended to.
-
-    Creates missing parent folders, then probes the folder with a real temporary file:
-    `os.access` says yes to root even on read-only or virtual filesystems.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ExnihiloError(f"{path}: is a directory, expected a file path")
-    if parent.exists() and not parent.is_dir():
-        raise ExnihiloError(f"{path}: cannot create folder {parent} (a file is in the way)")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ExnihiloError(f"{path}: cannot create folder {parent} ({e.strerror})") from None
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise ExnihiloError(f"{path}: not writable ({e.strerror})") from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ExnihiloError(f"{path}: not writable")
+dumps = outputs.dumps
+write_jsonl_atomic = outputs.write_jsonl_atomic
+check_writable = outputs.check_writable
+repair_torn_tail = outputs.repair_torn_tail
 
 
 class JsonlAppender:
-    """Append-only JSONL writer that a `kill -9` cannot corrupt.
+    """Append-only JSONL writer that a `kill -9` cannot corrupt and a second process cannot
+    interleave with.
 
     Each record is one `write()` of a whole line followed by flush+fsync, so after a crash
     the file is a sequence of complete lines plus at most one torn tail. Opening the file
     again cuts that torn tail off (it never held a complete record), which is what makes
-    "rerun the same command" a safe resume. The file is created only on the first append,
-    so a run that fails before producing anything leaves no partial output behind.
+    "rerun the same command" a safe resume. The output is locked (`outputs.OutputLock`)
+    from construction to `close()`. The file is created only on the first append, so a run
+    that fails before producing anything leaves no partial output behind.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         check_writable(self.path)
+        self._lock = outputs.OutputLock(self.path).acquire()
         self._f = None
-        if self.path.exists():
+        try:
             repair_torn_tail(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def existing(self) -> list[Record]:
-        """Records already in the file (after repair)."""
-        if not self.path.exists():
+        """Records already in the file (after repair); a device or FIFO holds none."""
+        if not self.path.exists() or outputs.is_special(self.path):
             return []
         return [obj for _, obj in iter_jsonl(self.path)]
 
     def append(self, record: Record) -> None:
-        if self._f is None:
-            self._f = self.path.open("a", encoding="utf-8")
-        self._f.write(dumps(record) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            if self._f is None:
+                self._f = self.path.open("a", encoding="utf-8")
+            self._f.write(dumps(record) + "\n")
+            self._f.flush()
+            if not outputs.is_special(self.path):
+                os.fsync(self._f.fileno())
+        except OSError as e:
+            raise ExnihiloError(f"{self.path}: cannot append ({e.strerror or e}); the records "
+                                f"written so far are kept, rerun to resume") from None
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        try:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def repair_torn_tail(path: Path) -> int:
-    """Truncate an incomplete last line (no trailing newline); return bytes removed."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return 0
-        # Walk back to the previous newline; everything after it is a torn write.
-        pos = size - 1
-        chunk = 4096
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            buf = f.read(pos - start)
-            idx = buf.rfind(b"\n")
-            if idx >= 0:
-                cut = start + idx + 1
-                break
-            pos = start
-        else:
-            cut = 0
-        f.truncate(cut)
-        return size - cut

@@ -176,3 +176,33 @@ def render_segments(messages: list[dict[str, str]], style: str, tokenizer: Any,
 def _last_assistant_index(messages: list[dict[str, str]]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
+
+
+# Jinja chat templates that reproduce the single-turn styles, baked into a model trained on
+# them (`train.run.save_final_model`) so that vLLM, Ollama, llama.cpp and
+# `lm-eval --apply_chat_template` prompt it the way it was trained. A user message renders
+# as `render_prompt` does; an assistant message is its text plus EOS.
+_STYLE_TEMPLATES = {
+    "alpaca": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        + ALPACA_PREAMBLE.replace("'", "\\'")
+        + "\n\n### Instruction:\n{{ message['content'] }}\n\n### Response:\n"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}"),
+    "phi3": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "<|user|>\n{{ message['content'] }}\n<|assistant|>\n"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}"),
+}
+
+
+def style_chat_template(style: str) -> str | None:
+    """The chat template equivalent to a single-turn style (None for "chat": the model's
+    own template is already right)."""
+    check_style(style)
+    return _STYLE_TEMPLATES.get(style)

@@ -21,11 +21,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"exnihilo {version('exnihilo')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(threads: int = typer.Option(
         None, "--threads", envvar="EXNIHILO_THREADS", show_envvar=True,
         help="CPU threads for torch (every command). On a loaded machine 1 can be several "
-             "times faster than the default of one per core.")) -> None:
+             "times faster than the default of one per core."),
+         version: bool = typer.Option(False, "--version", is_eager=True,
+                                      callback=_print_version,
+                                      help="Print the version and exit.")) -> None:
     """Make small language models better starting from nothing."""
     from exnihilo.threads import apply_threads
 
@@ -40,7 +51,8 @@ def _register_optional() -> None:
     """Verb groups that land with later work register themselves if present."""
     import importlib
 
-    for module, name in (("train", "train"), ("evaluate", "eval"), ("curate", "curate")):
+    for module, name in (("train", "train"), ("evaluate", "eval"), ("curate", "curate"),
+                         ("export", "export")):
         try:
             mod = importlib.import_module(f"exnihilo.cli.{module}")
         except ModuleNotFoundError as e:
@@ -49,7 +61,7 @@ def _register_optional() -> None:
             continue
         app.add_typer(mod.app, name=name)
     for module, command in (("report", "report"), ("generate", "generate"),
-                            ("demo", "demo")):
+                            ("demo", "demo"), ("merge", "merge"), ("merge", "warp")):
         try:
             mod = importlib.import_module(f"exnihilo.cli.{module}")
         except ModuleNotFoundError as e:
@@ -60,6 +72,24 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules but belong to a verb group."""
+    from exnihilo.cli import evaluate, ifeval, preference, pretrain, train
+
+    evaluate.app.command("ifeval")(ifeval.ifeval_command)
+    train.app.command("dpo")(preference.dpo_command)
+    train.app.command("dice")(preference.dice_command)
+    train.app.command("reward")(preference.reward_command)
+    synth.app.command("pairs")(preference.synth_pairs_command)
+    synth.app.command("constraints")(preference.synth_constraints_command)
+    train.app.command("pretrain")(pretrain.pretrain_command)
+    train.app.command("distill")(pretrain.distill_command)
+    app.command("prune")(pretrain.prune_command)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -3,40 +3,95 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from exnihilo.assemble import build_engine, check_engine  # noqa: F401  (re-exported)
 from exnihilo.errors import ExnihiloError
 
-console = Console()
-err_console = Console(stderr=True)
+# markup=False: file names, rules and generated text are data, never terminal markup
+# (a "[/x]" in a record must not crash the print, a "[link=…]" must not vanish).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
-def run_app(app: typer.Typer) -> None:
-    """Run the typer app; user errors become one line on stderr and exit status 2."""
+def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
+    """Run the typer app and turn every way it can end into an exit status:
+
+    0 done · 2 a user error (`error:` line: bad option, bad input, unwritable output) ·
+    130 interrupted (Ctrl-C; what was written is kept) · 1 a bug (one summary line and the
+    path of a file holding the full traceback; EXNIHILO_DEBUG=1 shows it instead).
+    """
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
     try:
-        app(standalone_mode=False)
-    except ExnihiloError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        rv = app(args=args, standalone_mode=False)
     except KeyboardInterrupt:
-        err_console.print("interrupted: what was written so far is kept; rerun the same "
-                          "command to resume (`train` runs: add --resume)")
-        sys.exit(130)
+        rv = 130
+    except ExnihiloError as e:
+        fail(str(e))
+    except NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(2)
+    except UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        fail(f"{e.format_message()}{where}")
+    except ClickException as e:
+        fail(e.format_message())
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
+        rv = 130
+    except OSError as e:  # full disk, permissions, a file vanishing: the user's to fix
+        name = f"{e.filename}: " if e.filename else ""
+        fail(f"{name}{e.strerror or e}")
+    except Exception as e:
+        from pydantic import ValidationError
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]).replace("_", "-")
+            fail(f"invalid setting {field}: {first['msg']}")
+        crash(e)
+    if rv == 130:  # typer turns KeyboardInterrupt into a returned 130 (standalone_mode=False)
+        err_console.print("interrupted: what was written so far is kept; rerun the same "
+                          "command to resume (`train` runs: add --resume)", markup=False,
+                          highlight=False)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` (never parsed as markup) and exit with status 2."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
+                      soft_wrap=True)
+    sys.exit(2)
+
+
+def crash(e: BaseException) -> NoReturn:
+    """An unexpected exception: one line, the full traceback in a file; exit status 1."""
+    import os
+    import tempfile
+    import traceback
+
+    if os.environ.get("EXNIHILO_DEBUG"):
+        raise e
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        fd, path = tempfile.mkstemp(prefix="exnihilo-traceback-", suffix=".txt")
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        where = f"full traceback in {path}"
+    except OSError:
+        where = "no traceback file could be written; rerun with EXNIHILO_DEBUG=1"
+    summary = f"{type(e).__name__}: {e}".splitlines()[0][:300] if str(e) else type(e).__name__
+    err_console.print(Text.assemble(("internal error:", "bold red"), f" {summary} ({where}; "
+                                    f"please report it)"), highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 # Options shared by every command that generates or judges text.
@@ -59,22 +114,6 @@ def concurrency_option() -> Any:
 
 def dtype_option() -> Any:
     return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
-
-
-def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: int = 32,
-                 base_urls: list[str] | None = None, concurrency: int = 8,
-                 label: str = "generating") -> Any:
-    from exnihilo.engines import make_engine
-
-    if engine == "transformers":
-        return make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
-                           progress_label=label)
-    if engine == "openai":
-        if not base_urls:
-            raise ExnihiloError("--engine openai needs at least one --base-url")
-        return make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
-                           progress_label=label)
-    raise ExnihiloError(f"unknown engine {engine!r} (known: transformers, openai)")
 
 
 def models_command() -> None:

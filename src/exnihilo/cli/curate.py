@@ -59,8 +59,15 @@ def tag_command(
     Magpie's tags (arXiv 2406.08464), optionally a 0-100 response score (--score). Tags go to
     meta.tags; unreadable answers become null and are counted. Rerun to resume.
     """
-    from exnihilo.curate.tags import tag_file
+    from exnihilo.assemble import check_engine
+    from exnihilo.curate.tags import tag_file, tag_settings
+    from exnihilo.outputs import check_output
+    from exnihilo.resume import check_resumable
 
+    check_engine(engine, base_url, dtype)
+    check_output(out, [data])
+    check_resumable(out, "curate tag", tag_settings(f"{engine}:{judge}", score, seed,
+                                                     max_new_tokens), inputs=[data])
     model = build_engine(engine, judge, dtype=dtype, batch_size=batch_size,
                          base_urls=base_url, concurrency=concurrency, label="tagging")
     summary = tag_file(data, out, model, score=score, batch_size=batch_size, seed=seed,
@@ -92,8 +99,10 @@ def dedup_command(
     (the best-tagged member of each group is kept: quality, then score, then length).
     """
     from exnihilo.curate.embed import dedup_file
+    from exnihilo.outputs import check_output
     from exnihilo.progress import note
 
+    check_output(out, [data])
     summary = dedup_file(data, out, threshold, k=k, method=method, batch_size=batch_size,
                          note=note)
     table = Table(title=f"dedup {data} → {out}")
@@ -123,11 +132,11 @@ def filter_command(
 ) -> None:
     """Keep the records that pass every --where rule; show what each rule removed."""
     from exnihilo.curate.filters import apply_filters, parse_rule
+    from exnihilo.outputs import check_output
     from exnihilo.records import read_any, write_jsonl_atomic
 
     rules = [parse_rule(w) for w in where]  # fail on a bad rule before reading any data
-    if out.exists() and out.resolve() == data.resolve():
-        raise ExnihiloError(f"{out}: output is the input file; choose another -o")
+    check_output(out, [data])
     records = read_any(data)
     if not records:
         raise ExnihiloError(f"{data}: no records (empty file)")

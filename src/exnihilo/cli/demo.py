@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from exnihilo.cli.common import console
 
@@ -18,39 +20,72 @@ def demo_command(
                                    help="Held-out ch07 prompts to answer and judge."),
     eval_set: Path = typer.Option(None, "--eval-set",
                                   help="Alpaca-style eval file (default: the shared ch07 set)."),
+    ifeval_limit: int = typer.Option(24, "--ifeval-limit", min=1,
+                                     help="The first N IFEval prompts, answered by both "
+                                          "models and checked by code."),
 ) -> None:
     """The whole loop on the embedded SmolLM2-135M-Instruct: Magpie synthesis from nothing →
-    LoRA SFT → answers on held-out ch07 prompts from base and tuned → judge scores and
-    reference perplexity, side by side."""
-    from rich.table import Table
-
+    LoRA SFT → base and tuned answer held-out ch07 and IFEval prompts → instructions followed
+    (checked by code), reference perplexity and judge score, with intervals and the paired
+    differences."""
     from exnihilo.cli.synth import print_summary
     from exnihilo.demo import DemoConfig, run_demo
 
-    console.rule("[bold]exnihilo demo[/bold] on smollm2-135m-instruct")
+    console.rule(Text("exnihilo demo on smollm2-135m-instruct", style="bold"))
     result = run_demo(DemoConfig(workdir=workdir, n=n, epochs=epochs, eval_limit=eval_limit,
-                                 eval_set=eval_set))
+                                 eval_set=eval_set, ifeval_limit=ifeval_limit))
     print_summary(result.magpie, show=2)
     sft = result.sft
     console.print(f"SFT (LoRA, merged): {sft['out']} · steps {sft['steps']} · train loss "
                   f"{_fmt(sft['train_loss'])} · val loss {_fmt(sft['val_loss'])}"
                   + (" · reused" if sft.get("reused") else ""))
-    table = Table(title="base vs tuned on held-out ch07 prompts")
-    for col in ("model", "judge score (0–100)", "judged", "unparseable",
-                "reference perplexity ↓", "mean answer tokens", "hit max tokens"):
-        table.add_column(col)
+    console.print(_report_table(result.rows))
+    console.print(_difference_table(result.differences))
+    if result.warning:
+        console.print(Text.assemble(("note:", "yellow"), f" {result.warning}"), highlight=False)
+    console.print(Text.assemble(("files", "bold"), f" (all under {result.files['workdir']})"))
+    for name, path in result.files.items():
+        if name != "workdir":
+            console.print(f"  {name:<12} {path}", highlight=False)
     for row in result.rows:
+        console.print(f"  {row['model']:<12} answers {row['generations']} · verdicts "
+                      f"{row['judged_file']}", highlight=False)
+    console.print("stage seconds: " + " · ".join(f"{k} {v:.0f}"
+                                                 for k, v in result.seconds.items()),
+                  highlight=False)
+
+
+def _report_table(rows: list[dict]) -> Table:
+    table = Table(title="base vs tuned (95 % bootstrap intervals)")
+    for col in ("model", "IFEval instructions followed ↑", "reference perplexity ↓",
+                "judge score (0–100)", "mean answer tokens", "hit max tokens"):
+        table.add_column(col)
+    for row in rows:
+        low, high = row["ifeval_ci"]
+        p_low, p_high = row["perplexity_ci"]
         score = ("—" if row["judge_mean"] is None else
                  f"{row['judge_mean']:.1f} ± {row['judge_stderr'] or 0:.1f}")
-        table.add_row(row["model"], score, row["judged"], str(row["unparseable"]),
-                      f"{row['perplexity']:.3f}", str(row["mean_tokens"]),
+        table.add_row(row["model"],
+                      f"{100 * row['ifeval_instruction_loose']:.1f} % "
+                      f"[{100 * low:.1f}, {100 * high:.1f}]",
+                      f"{row['perplexity']:.3f} [{p_low:.3f}, {p_high:.3f}]",
+                      f"{score} ({row['judged']} read)", str(row["mean_tokens"]),
                       str(row["hit_max_tokens"]))
-    console.print(table)
-    if result.warning:
-        console.print(f"[yellow]note:[/yellow] {result.warning}", highlight=False)
-    console.print(f"files: {result.files} · answers and verdicts: "
-                  f"{', '.join(r['judged_file'] for r in result.rows)}", highlight=False)
-    console.print(f"stage seconds: {result.seconds}", highlight=False)
+    return table
+
+
+def _difference_table(differences: dict[str, dict]) -> Table:
+    table = Table(title="tuned − base, paired on the same prompts")
+    for col in ("measure", "difference [95 % interval]", "significant?"):
+        table.add_column(col)
+    for name, d in differences.items():
+        scale = 100 if d["unit"] == "%" else 1
+        low, high = d["ci95"]
+        unit = " points" if d["unit"] == "%" else f" {d['unit']}"
+        table.add_row(name, f"{scale * d['value']:+.3g}{unit} [{scale * low:+.3g}, "
+                            f"{scale * high:+.3g}]",
+                      "yes" if d["significant"] else "no (interval includes 0)")
+    return table
 
 
 def _fmt(value: float | None) -> str:

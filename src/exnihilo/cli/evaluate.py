@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from exnihilo.cli.common import (
     MODEL_HELP,
@@ -49,9 +49,10 @@ def _judge_factories(judges: list[str], engine: str, base_url: list[str], concur
 def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
     for judge in summary["judges"]:
         if "failed" in judge:
-            err_console.print(f"[bold red]judge failed:[/bold red] {escape(judge['judge'])}: "
-                              f"{judge['failed']} not judged ({escape(str(judge['error']))})",
-                              highlight=False)
+            err_console.print(Text.assemble(
+                ("judge failed:", "bold red"),
+                f" {judge['judge']}: {judge['failed']} not judged ({judge['error']})"),
+                highlight=False)
         else:
             console.print(_summary_table(f"judge {judge['judge']}", judge))
     console.print(_summary_table("panel (pooled)", summary["pooled"]))
@@ -61,7 +62,7 @@ def _print_panel(summary: dict[str, Any], judges: list[str]) -> None:
                       f"{agreement['krippendorff_alpha']}", highlight=False)
     for pair, values in agreement["pairs"].items():
         shown = "  ".join(f"{k} {v}" for k, v in values.items())
-        console.print(f"  {escape(pair)}: {shown}", highlight=False)
+        console.print(f"  {pair}: {shown}", highlight=False)
     for judge in judges:
         _warn_if_weak(judge.partition("@")[0])
 
@@ -77,7 +78,7 @@ def _warn_if_weak(judge_name: str) -> None:
 
     warning = judge_warning(judge_name)
     if warning:
-        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}",
+        err_console.print(Text.assemble(("warning:", "bold yellow"), f" {warning}"),
                           highlight=False)
 
 
@@ -92,7 +93,7 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
 
 def _print_unparseable(examples: list[str]) -> None:
     for raw in examples:
-        console.print(f"  [dim]unparseable answer:[/dim] {escape(repr(raw[:200]))}",
+        console.print(Text.assemble(("  unparseable answer:", "dim"), f" {raw[:200]!r}"),
                       highlight=False)
 
 
@@ -117,14 +118,16 @@ def judge_command(
 
     ch07's judge prompt with the texts fenced as data, temperature 0, a fixed seed.
     Unreadable judge answers are counted and shown, never dropped."""
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import judge_scores, judge_summary, read_generations
     from exnihilo.evaluate.judging import check_mode
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
     check_mode(mode)
     out = out or file.with_name(f"{file.stem}.judged.jsonl")
-    check_writable(out)
+    check_engine(engine, base_url, dtype)
+    check_resumable(out, "eval judge", None, inputs=[file])
     records = read_generations(file)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             seed=seed)
@@ -177,15 +180,17 @@ def pairwise_command(
 
     Each shared prompt is judged with A's answer first, then B's; a win needs both orders
     to agree. Prints wins/ties/losses, win rate and position consistency."""
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.errors import ExnihiloError
     from exnihilo.evaluate import match_by_prompt, pairwise_compare, read_generations
     from exnihilo.evaluate.judging import check_mode
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
     check_mode(mode)
     out = out or a.with_name(f"{a.stem}.vs.{b.stem}.pairwise.jsonl")
-    check_writable(out)
+    check_engine(engine, base_url, dtype)
+    check_resumable(out, "eval pairwise", None, inputs=[a, b])
     records_a, records_b = read_generations(a), read_generations(b)
     if not match_by_prompt(records_a, records_b)[0]:  # before loading a judge
         raise ExnihiloError(f"{a} and {b} share no prompt: generate both from the same eval "
@@ -233,11 +238,14 @@ def perplexity_command(
     """Perplexity of the reference answers given their prompts (no judge needed).
 
     Only answer tokens count (with the end-of-turn/EOS token). Lower is better."""
+    from exnihilo.assemble import check_engine
     from exnihilo.evaluate import load_eval_set, model_perplexity
-    from exnihilo.records import check_writable, write_jsonl_atomic
+    from exnihilo.outputs import check_output
+    from exnihilo.records import write_jsonl_atomic
 
+    check_engine("transformers", None, dtype)
     if out is not None:
-        check_writable(out)
+        check_output(out, [data])
     records = load_eval_set(data, limit=limit, offset=offset)
     rows, summary = model_perplexity(model, records, style=style, dtype=dtype,
                                      batch_size=batch_size, max_length=max_length)

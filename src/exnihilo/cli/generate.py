@@ -46,7 +46,9 @@ def generate_command(
     The reference answer stays in meta.reference, so `exnihilo eval judge` can score
     against it."""
     from rich.table import Table
+    from rich.text import Text
 
+    from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
     from exnihilo.evaluate import (
         generate_responses,
@@ -54,9 +56,10 @@ def generate_command(
         load_eval_set,
         resolve_style,
     )
-    from exnihilo.records import check_writable
+    from exnihilo.resume import check_resumable
 
-    check_writable(out)
+    check_engine(engine, base_url, dtype)
+    check_resumable(out, "generate", None, inputs=[data])  # input clash, lock, torn file
     records = load_eval_set(data, limit=limit, offset=offset)  # fail before loading a model
     style = resolve_style(style, model)
     params = SamplingParams(temperature=temperature, top_p=top_p,
@@ -73,12 +76,9 @@ def generate_command(
         table.add_row(key, str(value))
     console.print(table)
     for record in results[:show]:
-        console.print("[bold]user:[/bold] " + _escape(record["messages"][-2]["content"][:300]))
-        console.print("[bold]answer:[/bold] " + _escape(record["messages"][-1]["content"][:400]))
+        console.print(Text.assemble(("user:", "bold"), " ",
+                                    record["messages"][-2]["content"][:300]))
+        console.print(Text.assemble(("answer:", "bold"), " ",
+                                    record["messages"][-1]["content"][:400]))
         console.print()
 
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -10,13 +10,11 @@ import typer
 from exnihilo.cli.common import (
     MODEL_HELP,
     base_url_option,
-    build_engine,
     concurrency_option,
     console,
     dtype_option,
     engine_option,
 )
-from exnihilo.errors import ExnihiloError
 
 app = typer.Typer(help="Synthesize instruction data.", no_args_is_help=True)
 
@@ -50,36 +48,23 @@ def magpie_command(
 ) -> None:
     """Magpie: the model writes user instructions from its chat template's pre-query text
     alone, then answers them. Output is resumable: rerun the same command after a kill."""
-    from exnihilo.engines.base import SamplingParams
-    from exnihilo.models import load_tokenizer
-    from exnihilo.synth.magpie import MagpieConfig, synthesize
+    from exnihilo.synth.magpie import MagpieJob, run_magpie_job, validate_magpie_job
 
-    if n <= 0:
-        raise ExnihiloError(f"-n must be positive, got {n}")
-    if system and no_system:
-        raise ExnihiloError("--system and --no-system contradict each other")
-    config = MagpieConfig(
-        n=n, turns=turns, system=system, use_default_system=not no_system, seed=seed,
-        round_size=batch_size,
-        instruction=SamplingParams(temperature=instruction_temperature, top_p=1.0,
-                                   max_new_tokens=instruction_max_tokens),
-        response=SamplingParams(temperature=response_temperature, top_p=response_top_p,
-                                max_new_tokens=response_max_tokens))
-    from exnihilo.records import check_writable
-
-    check_writable(out)  # fail before loading anything
-    if engine == "openai":
-        tokenizer = load_tokenizer(template_from or "smollm2-135m-instruct")
-        gen = build_engine(engine, model, base_urls=base_url, concurrency=concurrency)
-    else:
-        gen = build_engine(engine, model, dtype=dtype, batch_size=batch_size, label="magpie")
-        tokenizer = load_tokenizer(template_from) if template_from else gen.tokenizer
-    summary = synthesize(gen, tokenizer, config, out)
+    job = MagpieJob(
+        n=n, out=out, model=model, engine=engine, base_url=base_url, concurrency=concurrency,
+        template_from=template_from, turns=turns, system=system, no_system=no_system,
+        seed=seed, batch_size=batch_size, dtype=dtype,
+        instruction_max_tokens=instruction_max_tokens, response_max_tokens=response_max_tokens,
+        instruction_temperature=instruction_temperature,
+        response_temperature=response_temperature, response_top_p=response_top_p)
+    config = validate_magpie_job(job)  # options, output, lock, resume: before loading
+    summary = run_magpie_job(job, config)
     print_summary(summary, show)
 
 
 def print_summary(summary: dict, show: int) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"magpie → {summary['out']}", show_header=False)
     for key in ("requested", "written_this_run", "already_present", "total", "candidates",
@@ -90,7 +75,8 @@ def print_summary(summary: dict, show: int) -> None:
     console.print(table)
     for record in summary.get("examples", [])[:show]:
         for m in record["messages"]:
-            console.print(f"[bold]{m['role']}[/bold]: {m['content'][:400]}", highlight=False)
+            console.print(Text.assemble((m["role"], "bold"), ": ", m["content"][:400]),
+                          highlight=False)
         console.print()
 
 

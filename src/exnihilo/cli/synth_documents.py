@@ -6,15 +6,7 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import (
-    MODEL_HELP,
-    base_url_option,
-    build_engine,
-    console,
-    dtype_option,
-    engine_option,
-)
-from exnihilo.errors import ExnihiloError
+from exnihilo.cli.common import MODEL_HELP, base_url_option, console, dtype_option, engine_option
 
 
 def documents_command(
@@ -97,109 +89,27 @@ def documents_command(
     with the chunk's own sentences (found by MiniLM similarity), so every answer is grounded
     even with the embedded 135M model; --method joint is the paper's one-shot synthesis for
     a capable synthesizer (e.g. --engine openai)."""
-    from exnihilo.engines.base import SamplingParams
-    from exnihilo.models import load_tokenizer
-    from exnihilo.records import check_writable, read_any
-    from exnihilo.synth.documents import (
-        DocumentsConfig,
-        build_corpus,
-        max_chunk_tokens,
-        model_context_length,
-        parse_ratio,
-        synthesize_documents,
-    )
-    from exnihilo.synth.ingest import IngestReport, chunk_documents, pydoc_documents, read_paths
+    from exnihilo.synth.documents import DocumentsJob, run_job, validate_job
 
-    if not paths and not pydoc:
-        raise ExnihiloError("give documents (files or folders) and/or --pydoc MODULES")
-    if method not in ("stepwise", "joint"):
-        raise ExnihiloError(f"--method must be stepwise or joint, got {method!r}")
-    if answers not in ("quote", "generate"):
-        raise ExnihiloError(f"--answers must be quote or generate, got {answers!r}")
-    if method == "joint" and answers != "quote":
-        raise ExnihiloError("--answers belongs to --method stepwise (joint answers are "
-                            "whatever the synthesizer writes)")
-    if method == "stepwise" and (rounds is not None or shots is not None or no_demo):
-        raise ExnihiloError("--rounds, --shots and --no-demo belong to --method joint "
-                            "(stepwise prompts carry no few-shot examples)")
-    ratio = parse_ratio(mix_ratio)
-    if mix is not None and corpus_out is None:
-        raise ExnihiloError("--mix needs --corpus-out (it mixes the corpus, not the pairs)")
-    check_writable(out)
-    if corpus_out is not None:
-        check_writable(corpus_out)
-    general = read_any(mix) if mix is not None else None  # fail on bad input before loading
-
-    report = IngestReport()
-    if paths:
-        read_paths(paths, text_field=text_field, report=report)
-    if pydoc:
-        pydoc_documents(pydoc.split(","), report=report)
-    if report.skipped_binary:
-        names = ", ".join(report.skipped_binary[:5])
-        extra = len(report.skipped_binary) - 5
-        more = f" and {extra} more" if extra > 0 else ""
-        console.print(f"skipped {len(report.skipped_binary)} binary or non-UTF-8 files: "
-                      f"{names}{more}", highlight=False)
-    if not report.documents:
-        raise ExnihiloError(f"no text found in the inputs ({len(report.skipped_binary)} binary, "
-                            f"{len(report.skipped_empty)} empty files skipped)")
-
-    if engine == "openai":
-        tokenizer = load_tokenizer(tokenizer_from or "smollm2-135m-instruct")
-        gen = build_engine(engine, model, base_urls=base_url)
-    else:
-        gen = build_engine(engine, model, dtype=dtype, batch_size=batch_size, label="synthesizing")
-        tokenizer = load_tokenizer(tokenizer_from) if tokenizer_from else gen.tokenizer
-    config = DocumentsConfig(
-        method=method, answers=answers, min_evidence=min_evidence, min_support=min_support,
-        answer_tokens=max_new_tokens or 128,
-        pairs_per_chunk=pairs_per_chunk, rounds=rounds or 1,
-        shots=2 if shots is None else shots, demo=not no_demo, seed=seed,
-        batch_chunks=batch_size,
-        context_tokens=context_tokens or model_context_length(gen, tokenizer),
-        generation=SamplingParams(temperature=temperature, seed=seed,
-                                  max_new_tokens=max_new_tokens or 384))
-    if overlap >= chunk_tokens:
-        raise ExnihiloError(f"--overlap {overlap} must be smaller than --chunk-tokens "
-                            f"{chunk_tokens}")
-    fit = max_chunk_tokens(tokenizer, config)
-    if fit < 32:
-        raise ExnihiloError(f"the {config.context_tokens}-token context leaves only {fit} "
-                            f"tokens for a chunk; lower --max-new-tokens or raise "
-                            f"--context-tokens")
-    size = chunk_tokens
-    if chunk_tokens > fit:
-        size = fit
-        console.print(f"--chunk-tokens {chunk_tokens} does not fit the {config.context_tokens}"
-                      f"-token context with the prompt and answer: re-chunking at {size} tokens",
-                      highlight=False)
-    chunks, duplicate_chunks = chunk_documents(report.documents, tokenizer, size,
-                                               min(overlap, size - 1))
-    if limit_chunks is not None:
-        chunks = chunks[:limit_chunks]
-
-    judge_engine = judge_tokenizer = judge_context = None
-    if judge and not no_grounding:
-        if judge == model and engine == "transformers":
-            judge_engine = gen  # one model in memory, not two
-        else:
-            judge_engine = build_engine(engine, judge, dtype=dtype, batch_size=batch_size,
-                                        base_urls=base_url, label="grounding")
-        judge_tokenizer = getattr(judge_engine, "tokenizer", None)
-        judge_context = model_context_length(judge_engine, judge_tokenizer) if (
-            judge_tokenizer is not None) else None
-
-    summary = synthesize_documents(gen, tokenizer, chunks, config, out, judge=judge_engine,
-                                   judge_tokenizer=judge_tokenizer,
-                                   judge_context_tokens=judge_context)
-    summary.update(documents=len(report.documents), skipped_binary=len(report.skipped_binary),
-                   skipped_empty=len(report.skipped_empty), duplicate_chunks=duplicate_chunks,
-                   chunk_tokens=size, overlap=min(overlap, size - 1))
-    if corpus_out is not None:
-        summary["corpus"] = build_corpus(chunks, out, corpus_out, seed=seed, general=general,
-                                         ratio=ratio)
-        summary["corpus_out"] = str(corpus_out)
+    job = DocumentsJob(
+        paths=paths or [], pydoc=pydoc, out=out, method=method, answers=answers,
+        min_evidence=min_evidence, min_support=min_support, pairs_per_chunk=pairs_per_chunk,
+        chunk_tokens=chunk_tokens, overlap=overlap, rounds=rounds, shots=shots,
+        no_demo=no_demo, judge=judge, no_grounding=no_grounding, corpus_out=corpus_out,
+        mix=mix, mix_ratio=mix_ratio, text_field=text_field, model=model, engine=engine,
+        base_url=base_url, tokenizer_from=tokenizer_from, context_tokens=context_tokens,
+        seed=seed, limit_chunks=limit_chunks, batch_size=batch_size, dtype=dtype,
+        max_new_tokens=max_new_tokens, temperature=temperature)
+    prepared = validate_job(job)  # every option, output and input: before any model loads
+    for label, names in (("binary or non-UTF-8 files", prepared.skipped_binary),
+                         ("symlinks leading out of their folder", prepared.skipped_links),
+                         ("files over the size limit", prepared.skipped_large)):
+        if names:
+            extra = len(names) - 5
+            more = f" and {extra} more" if extra > 0 else ""
+            console.print(f"skipped {len(names)} {label}: {', '.join(names[:5])}{more}",
+                          highlight=False)
+    summary = run_job(prepared, notify=lambda message: console.print(message, highlight=False))
     print_summary(summary, show)
 
 
@@ -208,7 +118,8 @@ def print_summary(summary: dict, show: int) -> None:
     from rich.text import Text
 
     table = Table(title=f"documents → {summary['out']}", show_header=False)
-    for key in ("documents", "skipped_binary", "skipped_empty", "chunk_tokens", "overlap",
+    for key in ("documents", "skipped_binary", "skipped_empty", "skipped_links", "skipped_large",
+                "chunk_tokens", "overlap",
                 "chunks", "duplicate_chunks", "chunks_done_before", "chunks_this_run",
                 "method", "chunks_without_pairs", "pairs_total", "questions_rejected",
                 "records_written_this_run", "duplicate_records", "truncated_outputs_this_run",

@@ -9,7 +9,8 @@ from exnihilo.cli.common import console
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
-app = typer.Typer(help="Train a model: supervised finetuning (LoRA or full).",
+app = typer.Typer(help="Train a model: SFT, DPO/IPO/SimPO, DICE, reward models, pretraining, "
+                  "distillation.",
                   no_args_is_help=True)
 
 
@@ -49,6 +50,14 @@ def sft_command(
     lora_alpha: float = typer.Option(32, "--lora-alpha"),
     lora_targets: str = typer.Option("all-linear", "--lora-targets", help="Comma-separated "
                                      "module names (e.g. q_proj,v_proj) or all-linear."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    dora: bool = typer.Option(False, "--dora", help="DoRA (weight-decomposed LoRA, peft's "
+                              "use_dora): often better at low rank, slower per step."),
+    lora_plus_ratio: float | None = typer.Option(
+        None, "--lora-plus-ratio", help="LoRA+: the B matrices learn at this multiple of "
+        "--lr (its paper suggests 16)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay; "
+                                       "never applied to norms, biases and embeddings."),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of records held "
                                        "out for validation loss (seeded)."),
     eval_every: int = typer.Option(50, "--eval-every", help="Validation loss every N steps "
@@ -72,7 +81,8 @@ def sft_command(
             data=data, out=out, model=model, style=style, mask_prompt=mask_prompt, full=full,
             epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
             max_length=max_length, length_policy="drop" if drop_long else "truncate",
-            pack=pack, lora_r=lora_r, lora_alpha=lora_alpha,
+            pack=pack, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            dora=dora, lora_plus_ratio=lora_plus_ratio, weight_decay=weight_decay,
             lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,
             seed=seed, max_steps=max_steps, dtype=dtype,
@@ -83,7 +93,7 @@ def sft_command(
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "–"
     train = f"{result.train_loss:.4f}" if result.train_loss is not None else "–"
     console.print(
-        f"[bold]done[/bold]: {result.steps} steps in {result.train_seconds:.0f} s · "
+        f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
         f"train loss {train} · val loss {val} · "
         f"{result.trained_tokens_per_s:,.0f} trained tok/s · padding "
         f"{100 * result.padding_waste:.1f}%")

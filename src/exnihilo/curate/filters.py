@@ -94,11 +94,16 @@ class Rule:
                 if value not in levels:
                     return None  # a stored tag that is not a level name reads as unparseable
                 value = levels.index(value)
+            elif self.field in TAG_NUMBER_FIELDS and (
+                    isinstance(value, bool) or not isinstance(value, int | float)):
+                return None  # a stored "high" where a number belongs reads as unparseable
             if self.op == "!=":
                 return all(value != v for v in self.values)
             if self.op == "==":
                 return any(value == v for v in self.values)
             return COMPARISONS[self.op](value, self.values[0])
+        if not isinstance(value, str):
+            return None  # a text test on a stored non-text tag: unreadable, not a crash
         negate = self.op.startswith("!")
         name = self.op.lstrip("!")
         text = value.rstrip() if name == "ends_with" else value

@@ -27,7 +27,9 @@ from exnihilo.curate.fields import instruction_of, response_of, set_tags
 from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.judge import DATA_NOTICE, extract_json_object, extract_score, fence
-from exnihilo.records import JsonlAppender, Record, iter_jsonl, read_any
+from exnihilo.outputs import check_output
+from exnihilo.records import Record, read_any
+from exnihilo.resume import ResumableOutput
 from exnihilo.vocab import (  # noqa: F401  (re-exported: curation's public names)
     CATEGORIES,
     CATEGORY_ALIASES,
@@ -213,9 +215,18 @@ def tag_distributions(records: Iterable[Record], score: bool) -> dict[str, Count
         for key in keys:
             value = tags.get(key)
             if key == "score" and value is not None:
-                value = min(int(float(value)) // 20 * 20, 80)  # 0-19, …, 80-100 buckets
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    value = None  # a stored "high" where a number belongs: unreadable
+                else:
+                    value = min(max(int(value), 0) // 20 * 20, 80)  # 0-19, …, 80-100
             counts[key][value] += 1
     return counts
+
+
+def tag_settings(judge: str, score: bool, seed: int, max_new_tokens: int) -> dict[str, Any]:
+    """The settings that change a record's tags (`judge` is the engine name, e.g.
+    "transformers:smollm2-135m-instruct"); a resumed output must have been made with these."""
+    return {"judge": judge, "score": score, "seed": seed, "max_new_tokens": max_new_tokens}
 
 
 def tag_file(input_path: str | Path, output_path: str | Path, engine: Engine, *,
@@ -223,39 +234,39 @@ def tag_file(input_path: str | Path, output_path: str | Path, engine: Engine, *,
              max_new_tokens: int = 96, progress: Any = None) -> TagSummary:
     """Tag every record of `input_path` into `output_path`, resuming a killed run.
 
-    Records whose id is already in the output are skipped, and each tagged record is
-    appended (whole line + fsync) as soon as its batch is judged, so rerunning the same
-    command after a kill loses and duplicates nothing.
+    Records whose id (or, without one, content id) is already in the output are skipped,
+    and each tagged record is appended (whole line + fsync) as soon as its batch is judged,
+    so rerunning the same command after a kill loses and duplicates nothing. Resuming with
+    another judge or other settings is refused (`resume.ResumableOutput`).
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.exists() and output_path.resolve() == input_path.resolve():
-        raise ExnihiloError(f"{output_path}: output is the input file; choose another -o")
+    check_output(output_path, [input_path])
     records = read_any(input_path)
     if not records:
         raise ExnihiloError(f"{input_path}: no records (empty file)")
     summary = TagSummary(input_records=len(records))
-    appender = JsonlAppender(output_path)
-    done = {obj.get("id") for obj in appender.existing() if isinstance(obj, dict)}
-    todo: list[Record] = []
-    seen: set[str] = set()
-    for record in records:
-        if record["id"] in done:
-            summary.already_tagged += 1
-        elif record["id"] in seen:
-            summary.duplicate_ids += 1
-        else:
-            seen.add(record["id"])
-            todo.append(record)
-    with appender:
+    settings = tag_settings(getattr(engine, "name", type(engine).__name__), score, seed,
+                            max_new_tokens)
+    with ResumableOutput(output_path, "curate tag", settings, inputs=[input_path]) as output:
+        todo: list[Record] = []
+        seen: set[str] = set()
+        for record in records:
+            if record["id"] in output.keys:
+                summary.already_tagged += 1
+            elif record["id"] in seen:
+                summary.duplicate_ids += 1
+            else:
+                seen.add(record["id"])
+                todo.append(record)
         for record in tag_records(todo, engine, score=score, batch_size=batch_size, seed=seed,
                                   max_new_tokens=max_new_tokens):
-            appender.append(record)
+            output.append(record)
             summary.tagged += 1
             for key in (record["meta"].get("tagger") or {}).get("unparsed", []):
                 summary.unparsed[key] += 1
             if progress is not None:
                 progress.advance(items=1)
-    written = [obj for _, obj in iter_jsonl(output_path)] if output_path.exists() else []
+        written = list(output.rows)
     summary.output_records = len(written)
     summary.distributions = tag_distributions(written, score)
     return summary

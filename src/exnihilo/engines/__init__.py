@@ -8,7 +8,7 @@ from exnihilo.engines.base import (
     SamplingParams,
     supports_logprobs,
 )
-from exnihilo.engines.registry import engine_kinds, load_engine, make_engine, register
+from exnihilo.engines.registry import engine_kinds, make_engine, register
 
 __all__ = ["Completion", "Engine", "LogprobEngine", "SamplingParams", "engine_kinds",
-           "load_engine", "make_engine", "register", "supports_logprobs"]
+           "make_engine", "register", "supports_logprobs"]

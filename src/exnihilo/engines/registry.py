@@ -46,27 +46,3 @@ def make_engine(kind: str, model: str, **options: Any) -> Engine:
     if kind not in _FACTORIES:
         raise ExnihiloError(f"unknown engine {kind!r} (known: {', '.join(engine_kinds())})")
     return _FACTORIES[kind](model, **options)
-
-
-def load_engine(kind: str, model: str, template_from: str | None = None, *,
-                base_urls: list[str] | None = None, dtype: str = "float32",
-                batch_size: int = 32, concurrency: int = 8, label: str = "generating"
-                ) -> tuple[Engine, Any]:
-    """(engine, tokenizer) for a command: the one place that assembles an engine from the
-    CLI's shared options. A remote engine has no tokenizer of its own: `template_from` (or
-    the embedded model's) supplies the chat template where a command renders one itself."""
-    from exnihilo.models import DEFAULT_MODEL, load_tokenizer
-
-    if kind == "openai":
-        if not base_urls:
-            raise ExnihiloError("--engine openai needs at least one --base-url")
-        engine = make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
-                             progress_label=label)
-        return engine, load_tokenizer(template_from or DEFAULT_MODEL)
-    if kind == "transformers":
-        engine = make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
-                             progress_label=label)
-        tokenizer = load_tokenizer(template_from) if template_from else engine.tokenizer
-        return engine, tokenizer
-    engine = make_engine(kind, model, progress_label=label)
-    return engine, getattr(engine, "tokenizer", None)

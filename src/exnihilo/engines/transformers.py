@@ -3,9 +3,12 @@
 Why a hand-written decode loop instead of `model.generate`: we need (1) per-row random
 streams, so a record's text does not depend on which other prompts share its batch, and
 (2) rows that finish (end-of-turn id or stop string) leave the batch at once — their KV
-cache rows are dropped — so long-tailed lengths do not keep paying for finished rows.
-`generate` offers neither. The loop itself is the textbook one: prefill with left padding,
-then one token per step through the model's DynamicCache.
+cache rows are dropped — so long-tailed lengths do not keep paying for finished rows, and
+(3) waiting prompts take the freed places: when half the batch has finished, the next
+group of prompts is prefilled and merged into the running batch (continuous batching, in
+groups so each prefill is a batched matmul). `generate` offers none of these. Prefill uses
+left padding; decode writes one token per step into a preallocated cache
+(`engines.kvcache`) instead of re-concatenating the whole cache every step.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class TransformersEngine:
 
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32",
                  batch_size: int = 32, model_obj: Any = None, tokenizer: Any = None,
-                 progress_label: str = "generating"):
+                 progress_label: str = "generating", refill: bool = True):
         from exnihilo.models import load_model, load_tokenizer
 
         self.name = f"transformers:{model}"
@@ -79,6 +82,10 @@ class TransformersEngine:
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self._stop_ids = self._base_stop_ids()
         self._cache_kw = cache_argument(self.model)
+        from exnihilo.engines.kvcache import supports_growing
+
+        # Continuous batching needs mergeable caches: plain full-attention layers only.
+        self.refill = refill and supports_growing(self.model)
 
     # ------------------------------------------------------------------ protocol
     def complete(self, prompts: list[str], params: SamplingParams,
@@ -186,6 +193,12 @@ class TransformersEngine:
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[Completion | None] = [None] * len(prompt_ids)
         with token_progress(self.progress_label, len(prompt_ids)) as bar:
+            if self.refill:
+                outs = self._generate_refill([prompt_ids[i] for i in order], params,
+                                             [seeds[i] for i in order], bar)
+                for i, out in zip(order, outs, strict=True):
+                    results[i] = out
+                return [r for r in results if r is not None]
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 outs = self._generate_batch([prompt_ids[i] for i in chunk], params,
@@ -193,6 +206,107 @@ class TransformersEngine:
                 for i, out in zip(chunk, outs, strict=True):
                     results[i] = out
         return [r for r in results if r is not None]
+
+    def _prefill(self, prompts: list[list[int]], cache: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill; (last-position logits [n, vocab], mask, last position ids)."""
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every row's last token is aligned
+            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1, :].float(), mask, positions[:, -1]
+
+    @torch.inference_mode()
+    def _generate_refill(self, prompts: list[list[int]], params: SamplingParams,
+                         seeds: list[int], bar: Any) -> list[Completion]:
+        """Continuous batching over all `prompts` (in the given order): up to `batch_size`
+        rows decode together; whenever at most half remain and prompts are waiting, the
+        next group is prefilled and merged into the running batch."""
+        from exnihilo.engines.kvcache import growing_cache, merge_rows
+
+        device = next(self.model.parameters()).device
+        stop_ids = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=device)
+        stop_strings = [s for s in params.stop if s]
+        tail_tokens = max((len(s) for s in stop_strings), default=0) + 4
+        n = len(prompts)
+        generated: list[list[int]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        waiting = 0  # next prompt to admit
+        active: list[int] = []  # prompt index of each live batch row
+        cache: Any = None
+        mask = last_pos = logits = None
+        while True:
+            if waiting < n and len(active) <= self.batch_size // 2:
+                group = list(range(waiting, min(n, waiting + self.batch_size - len(active))))
+                waiting = group[-1] + 1
+                new_cache = growing_cache(self.model)
+                new_logits, new_mask, new_pos = self._prefill([prompts[i] for i in group],
+                                                              new_cache)
+                if active:
+                    cache, mask = merge_rows(cache, new_cache, mask, new_mask)
+                    logits = torch.cat([logits, new_logits])
+                    last_pos = torch.cat([last_pos, new_pos])
+                else:
+                    cache, mask, logits, last_pos = new_cache, new_mask, new_logits, new_pos
+                active += group
+            if not active:
+                break
+            next_tokens = sample_next(logits, params, [generators[r] for r in active])
+            is_stop = torch.isin(next_tokens, stop_ids).tolist()
+            keep: list[int] = []
+            produced = 0
+            for b, r in enumerate(active):
+                token = int(next_tokens[b])
+                if is_stop[b]:
+                    finish[r] = "stop"
+                    continue
+                generated[r].append(token)
+                produced += 1
+                if stop_strings:
+                    tail = self.tokenizer.decode(generated[r][-tail_tokens:],
+                                                 skip_special_tokens=False)
+                    if any(s in tail for s in stop_strings):
+                        finish[r] = "stop"
+                        continue
+                if len(generated[r]) == params.max_new_tokens:
+                    finish[r] = "length"
+                    continue
+                keep.append(b)
+            bar.advance(items=len(active) - len(keep), tokens=produced)
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                mask, last_pos, next_tokens = mask[index], last_pos[index], next_tokens[index]
+                active = [active[b] for b in keep]
+            if not active:
+                continue  # admit the next group, or finish
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            last_pos = last_pos + 1
+            out = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
+                             position_ids=last_pos[:, None], use_cache=True,
+                             **{self._cache_kw: cache})
+            logits = out.logits[:, -1, :].float()
+        return [self._completion(generated[r], prompts[r], finish[r], stop_strings)
+                for r in range(n)]
+
+    def _completion(self, tokens: list[int], prompt: list[int], finish: str | None,
+                    stop_strings: list[str]) -> Completion:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        for s in stop_strings:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return Completion(text=text, prompt_tokens=len(prompt), completion_tokens=len(tokens),
+                          finish_reason=finish or "length")  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from exnihilo.errors import ExnihiloError
 from exnihilo.fields import instruction_of, response_of, tags_of
-from exnihilo.records import Record, check_writable, read_any
+from exnihilo.outputs import check_output, write_text_atomic
+from exnihilo.records import Record, read_any
 from exnihilo.vocab import CATEGORIES, DIFFICULTY_LEVELS, QUALITY_LEVELS
 
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948")
@@ -350,7 +351,7 @@ def write_report(inputs: Sequence[str | Path], output: str | Path, samples: int 
     if not paths:
         raise ExnihiloError("report: give at least one dataset file")
     output = Path(output)
-    check_writable(output)
+    check_output(output, paths)  # never the dataset itself: HTML over data loses it
     stats = []
     for path, name in zip(paths, _dataset_names(paths), strict=True):
         records = read_any(path)
@@ -358,7 +359,5 @@ def write_report(inputs: Sequence[str | Path], output: str | Path, samples: int 
             raise ExnihiloError(f"{path}: no records (empty file)")
         stats.append(dataset_stats(name, records, samples))
     page = render_report(stats, title or "exnihilo report: " + " vs ".join(s.name for s in stats))
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
+    write_text_atomic(output, page)
     return stats

@@ -3,7 +3,9 @@
 Sources are text files, folders of them (*.txt, *.md, *.rst), JSON Lines with a text field,
 and the installed Python standard library's own documentation read at run time
 (`pydoc_documents`). Binary or undecodable files are skipped and reported by name, never
-fatal; malformed JSONL is an error naming file:line.
+fatal; malformed JSONL is an error naming file:line. Reading is defensive: a symlink under a
+folder that points outside it is skipped (and listed), a text file over `MAX_FILE_BYTES` is
+skipped (and listed) without being read, and binary detection reads only a prefix.
 
 Chunks are windows of the model's tokens with an exact overlap; a chunk's text is the exact
 slice of its document between the first and last token's character offsets (from the fast
@@ -21,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from exnihilo.errors import ExnihiloError
+from exnihilo.outputs import resolved
 from exnihilo.records import iter_jsonl
 
 FOLDER_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BINARY_SNIFF_BYTES = 8192
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a bigger "text" file is a mistake (a dump, a log)
 
 
 @dataclass(frozen=True)
@@ -41,19 +45,34 @@ class IngestReport:
     documents: list[Document] = field(default_factory=list)
     skipped_binary: list[str] = field(default_factory=list)
     skipped_empty: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)  # symlinks leaving their folder
+    skipped_large: list[str] = field(default_factory=list)  # over MAX_FILE_BYTES
 
 
 # ----------------------------------------------------------------------------- files
 
-def read_text_file(path: Path) -> str | None:
-    """The file's text, or None when it is binary (a NUL byte) or not UTF-8."""
-    data = path.read_bytes()
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
-        return None
+def read_text_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str | None:
+    """The file's text, or None when it is binary (a NUL byte in its first
+    BINARY_SNIFF_BYTES) or not UTF-8. Only the prefix is read before deciding; the caller
+    has already skipped files over `max_bytes`."""
+    with path.open("rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        if b"\x00" in head:
+            return None
+        data = head + f.read(max_bytes + 1 - len(head))
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every symlink followed, is still under `folder`."""
+    try:
+        resolved(path).relative_to(resolved(folder))
+    except ValueError:
+        return False
+    return True
 
 
 def jsonl_documents(path: Path, text_field: str) -> list[Document]:
@@ -69,16 +88,25 @@ def jsonl_documents(path: Path, text_field: str) -> list[Document]:
     return docs
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus the text files under each folder (recursive, sorted)."""
+def expand_paths(paths: Iterable[str | Path], report: IngestReport | None = None
+                 ) -> list[Path]:
+    """Files named directly, plus the text files under each folder (recursive, sorted).
+    Under a folder, a symlink whose target lies outside it is skipped (listed in
+    `report.skipped_links`): pointing a command at a folder must not read /etc/passwd."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files.extend(found)
+            for p in sorted(path.rglob("*")):
+                if any(part.startswith(".") for part in p.relative_to(path).parts):
+                    continue
+                if p.suffix.lower() not in FOLDER_SUFFIXES or not p.is_file():
+                    continue
+                if not _inside(p, path):
+                    if report is not None:
+                        report.skipped_links.append(str(p))
+                    continue
+                files.append(p)
         elif path.is_file():
             files.append(path)
         else:
@@ -87,14 +115,18 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_paths(paths: Iterable[str | Path], text_field: str = "text",
-               report: IngestReport | None = None) -> IngestReport:
+               report: IngestReport | None = None,
+               max_bytes: int = MAX_FILE_BYTES) -> IngestReport:
     """Read every file under `paths` into documents, recording skipped files by name."""
     report = report or IngestReport()
-    for path in expand_paths(paths):
+    for path in expand_paths(paths, report):
         if path.suffix.lower() in JSONL_SUFFIXES:
-            report.documents.extend(jsonl_documents(path, text_field))
+            report.documents.extend(jsonl_documents(path, text_field))  # read line by line
             continue
-        text = read_text_file(path)
+        if path.stat().st_size > max_bytes:
+            report.skipped_large.append(str(path))
+            continue
+        text = read_text_file(path, max_bytes)
         if text is None:
             report.skipped_binary.append(str(path))
         elif not text.strip():
@@ -193,6 +225,12 @@ class Chunk:
 
 def chunk_id(text: str) -> str:
     return hashlib.sha256(f"chunk:{text}".encode()).hexdigest()[:16]
+
+
+def chunk_seed(base_seed: int, chunk_id: str) -> int:
+    """A 62-bit seed per chunk: results do not depend on batch composition or order."""
+    digest = hashlib.sha256(f"documents:{base_seed}:{chunk_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
 def token_windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ from exnihilo.engines.base import Completion, Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.progress import note
 from exnihilo.records import JsonlAppender, Record, make_record, write_jsonl_atomic
+from exnihilo.resume import ResumableOutput
 from exnihilo.templates import TemplateInfo, next_user_prefix, template_info
 
 
@@ -166,21 +167,38 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name + ".summary.json")
 
 
+def magpie_settings(generator: str, config: MagpieConfig) -> dict[str, Any]:
+    """The settings that change which records a run writes (not -n or the batch size):
+    a resumed output must have been made with exactly these."""
+    return {"generator": generator, "turns": config.turns, "system": config.system,
+            "use_default_system": config.use_default_system, "seed": config.seed,
+            "min_words": config.min_words, "instruction": config.instruction.public(),
+            "response": config.response.public()}
+
+
 def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | Path
                ) -> dict[str, Any]:
     """Fill `out` with `config.n` unique Magpie records (resuming whatever is there)."""
     out = Path(out)
     info = template_info(tokenizer, system=config.system,
                          use_default_system=config.use_default_system)
-    writer = JsonlAppender(out)
+    settings = dict(magpie_settings(engine.name, config), template=info.pre_query)
+    with ResumableOutput(out, "synth magpie", settings,
+                         sidecars=[skipped_path(out)]) as output:
+        return _fill(engine, tokenizer, info, config, out, output)
+
+
+def _fill(engine: Engine, tokenizer: Any, info: TemplateInfo, config: MagpieConfig, out: Path,
+          output: ResumableOutput) -> dict[str, Any]:
     skip_log = JsonlAppender(skipped_path(out))
-    existing = writer.existing()
-    ids = {r["id"] for r in existing}
-    attempted = {r.get("meta", {}).get("index") for r in existing}
+    existing = output.rows
+    ids = set(output.keys)
+    attempted = {(r.get("meta") or {}).get("index") for r in existing}
     previous_skips = skip_log.existing()
-    attempted |= {s.get("index") for s in previous_skips}
+    attempted |= {s.get("index") for s in previous_skips if isinstance(s, dict)}
     already = len(ids)
     if already > config.n:
+        skip_log.close()
         raise ExnihiloError(f"{out} already holds {already} records, more than -n {config.n}")
 
     meta_base = {
@@ -237,7 +255,7 @@ def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | 
                     len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
                     for m in record["messages"] if m["role"] != "system")
                 generated_tokens += record["meta"]["tokens"]
-                writer.append(record)
+                output.append(record)
                 ids.add(record["id"])
                 written += 1
                 if len(examples) < 5:
@@ -248,7 +266,6 @@ def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | 
             note(f"magpie: {len(ids)}/{config.n} records after {candidates} candidates "
                  f"({sum(skipped_counts.values())} discarded so far)")
     finally:
-        writer.close()
         skip_log.close()
     elapsed = time.perf_counter() - start
     summary = {
@@ -268,3 +285,74 @@ def synthesize(engine: Engine, tokenizer: Any, config: MagpieConfig, out: str | 
     write_jsonl_atomic(summary_path(out), [summary])
     summary["examples"] = examples
     return summary
+
+
+# ----------------------------------------------------------------------------- the command
+
+class MagpieJob(BaseModel):
+    """Everything `exnihilo synth magpie` takes."""
+
+    n: int
+    out: Path
+    model: str = "smollm2-135m-instruct"
+    engine: str = "transformers"
+    base_url: list[str] = Field(default_factory=list)
+    concurrency: int = 8
+    template_from: str | None = None
+    turns: int = 1
+    system: str | None = None
+    no_system: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    dtype: str = "float32"
+    instruction_max_tokens: int = 128
+    response_max_tokens: int = 384
+    instruction_temperature: float = 1.0
+    response_temperature: float = 0.7
+    response_top_p: float = 0.9
+
+
+def validate_magpie_job(job: MagpieJob) -> MagpieConfig:
+    """Check every option, the output, its lock and its resume settings; nothing loads."""
+    from pydantic import ValidationError
+
+    from exnihilo.assemble import check_engine
+    from exnihilo.resume import check_resumable
+
+    if job.n <= 0:
+        raise ExnihiloError(f"-n must be positive, got {job.n}")
+    if job.system and job.no_system:
+        raise ExnihiloError("--system and --no-system contradict each other")
+    check_engine(job.engine, job.base_url, job.dtype)
+    for name, value in (("--instruction-max-tokens", job.instruction_max_tokens),
+                        ("--response-max-tokens", job.response_max_tokens),
+                        ("--batch-size", job.batch_size), ("--concurrency", job.concurrency)):
+        if value < 1:
+            raise ExnihiloError(f"{name} must be at least 1, got {value}")
+    try:
+        config = MagpieConfig(
+            n=job.n, turns=job.turns, system=job.system, use_default_system=not job.no_system,
+            seed=job.seed, round_size=job.batch_size,
+            instruction=SamplingParams(temperature=job.instruction_temperature, top_p=1.0,
+                                       max_new_tokens=job.instruction_max_tokens),
+            response=SamplingParams(temperature=job.response_temperature,
+                                    top_p=job.response_top_p,
+                                    max_new_tokens=job.response_max_tokens))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ExnihiloError(f"invalid option {'.'.join(map(str, first['loc']))}: "
+                            f"{first['msg']}") from None
+    check_resumable(job.out, "synth magpie",
+                    magpie_settings(f"{job.engine}:{job.model}", config),
+                    sidecars=[skipped_path(job.out)])
+    return config
+
+
+def run_magpie_job(job: MagpieJob, config: MagpieConfig) -> dict[str, Any]:
+    """Load the model (and the template's tokenizer) and fill the output."""
+    from exnihilo.assemble import load_engine
+
+    gen, tokenizer = load_engine(job.engine, job.model, job.template_from, dtype=job.dtype,
+                                 batch_size=job.batch_size, base_urls=job.base_url,
+                                 concurrency=job.concurrency, label="magpie")
+    return synthesize(gen, tokenizer, config, job.out)

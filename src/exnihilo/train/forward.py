@@ -238,3 +238,96 @@ def model_divergence(student: Any, teacher: Any, batch: Batch, kind: Divergence 
             t_logits = head_logits(t_base, t) if has_plain_head(teacher) else t
         return token_divergence(head_logits(s_base, h), t_logits, kind, beta, temperature)
     return chunked(piece, s_hidden, teacher_side, chunk=chunk)
+
+
+# ------------------------------------------------------------- top-k (cached) teacher
+
+def teacher_topk(teacher: Any, batch: Batch, k: int, chunk: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely next tokens at every trained position: (log-probs
+    [N, k] fp32 under the full softmax at τ = 1, token ids [N, k]), descending. What
+    distillation caches so the teacher runs once (Gemma 2 stores such a subset)."""
+    chunk = chunk or LOGIT_CHUNK
+    with torch.no_grad():
+        if not has_plain_head(teacher):
+            logits, _ = trained_logits(teacher, batch)
+            top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            return top.values, top.indices
+        base = base_model(teacher)
+        hidden, _ = trained_hidden(teacher, batch)
+        values, indices = [], []
+        for s in range(0, hidden.shape[0], chunk):
+            logp = torch.log_softmax(head_logits(base, hidden[s:s + chunk]).float(), dim=-1)
+            top = logp.topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+        if not values:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+        return torch.cat(values), torch.cat(indices)
+
+
+def topk_divergence(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    teacher_indices: torch.Tensor, kind: Divergence = "forward_kl",
+                    beta: float = 0.5, temperature: float = 1.0, tail: bool = True
+                    ) -> torch.Tensor:
+    """`token_divergence` from the teacher's cached top-k, per row [N].
+
+    `tail=True` (default): both distributions over k + 1 outcomes — the kept ids and one
+    "everything else" bucket. The teacher's kept log-probs are exact (cached under its
+    full softmax) and its tail mass is 1 − Σ kept; the student's are its full softmax at
+    the kept ids and its remaining mass. So the student pays for probability it puts
+    outside the teacher's top-k, and when the ids left out are a single token the result
+    is exactly the full divergence. Exact at τ = 1; at τ ≠ 1 the k + 1 outcomes are
+    tempered (the tail as one outcome), an approximation.
+
+    `tail=False`: both distributions renormalized over the kept ids only — softmax(log
+    p_T[kept]/τ) and softmax(z_S[kept]/τ). The student's mass outside the kept set is then
+    free, which (measured in experiments/distill_vs_hard.py) leaves a student's full-vocab
+    perplexity far worse; kept for comparison.
+
+    With k = vocabulary both variants are exactly `token_divergence`."""
+    if not tail:
+        kept = student_logits.gather(-1, teacher_indices.long())
+        return token_divergence(kept, teacher_logprobs, kind, beta, temperature)
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1).gather(
+        -1, teacher_indices.long())
+    t_logp = teacher_logprobs.float()
+    student = torch.cat([s_logp, _log_rest(s_logp)], dim=-1)
+    teacher = torch.cat([t_logp, _log_rest(t_logp)], dim=-1)
+    return token_divergence(student, teacher, kind, beta, temperature)
+
+
+# log(mass) floor for an empty tail bucket: exp(-1e4) is 0 in fp32, and a finite value keeps
+# the gradient of 0·log 0 terms free of NaN.
+_LOG_ZERO = -1e4
+
+
+def _log_rest(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ exp(logp)) per row, [N, 1], stably (log1mexp), floored at _LOG_ZERO."""
+    total = torch.logsumexp(logp, dim=-1, keepdim=True)
+    # Each branch gets an input it is finite on, so torch.where's unused branch cannot put
+    # NaN into the gradient.
+    near = torch.log(-torch.expm1(total.clamp(min=-0.6931, max=-1e-30)))
+    far = torch.log1p(-torch.exp(total.clamp(max=-0.6931)))
+    return torch.where(total > -0.6931, near, far).clamp(min=_LOG_ZERO)
+
+
+def model_topk_divergence(student: Any, batch: Batch, kind: Divergence = "forward_kl",
+                          beta: float = 0.5, temperature: float = 1.0,
+                          chunk: int | None = None, tail: bool = True) -> torch.Tensor:
+    """Per trained position [N], `topk_divergence` of the student against the cached
+    teacher top-k carried in the batch (`teacher_logprobs`, `teacher_indices`, [B, T, k]).
+    Chunked like `token_logprobs`."""
+    chunk = chunk or LOGIT_CHUNK
+    keep = trained_mask(batch)
+    t_values = batch["teacher_logprobs"][keep]
+    t_indices = batch["teacher_indices"][keep]
+    if not has_plain_head(student):
+        s_logits, _ = trained_logits(student, batch)
+        return topk_divergence(s_logits, t_values, t_indices, kind, beta, temperature, tail)
+    base = base_model(student)
+    hidden, _ = trained_hidden(student, batch)
+
+    def piece(h: torch.Tensor, v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return topk_divergence(head_logits(base, h), v, i, kind, beta, temperature, tail)
+    return chunked(piece, hidden, t_values, t_indices, chunk=chunk)

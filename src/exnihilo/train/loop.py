@@ -105,6 +105,10 @@ class LoopConfig:
     save_every: int = 50  # steps; 0 = never mid-run
     seed: int = 0
     lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at ratio × lr
+    # Model FLOPs per input position (forward + backward) and the machine's peak rate: when
+    # both are set, each metrics line and the bar carry MFU = achieved / peak FLOP/s.
+    flops_per_position: float = 0.0
+    peak_flops: float = 0.0
 
 
 @dataclass
@@ -410,6 +414,9 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     "lr": lr, "grad_norm": step.grad_norm, **step.metrics,
                     "trained_tokens": state.trained_tokens, "positions": state.positions,
                     "trained_tokens_per_s": rate, "train_seconds": state.train_seconds}
+                shown = dict(step.metrics)
+                if cfg.flops_per_position and cfg.peak_flops:
+                    row["mfu"] = shown["mfu"] = model_flops_utilization(state, cfg)
                 last = state.step == n_steps
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
                     val_loss, val_metrics = evaluate_with_metrics(model, objective, val_batches)
@@ -417,7 +424,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                 metrics_log.append(row)
                 history.append(row)
-                bar.update(state.step, step.loss, rate, step.metrics)
+                bar.update(state.step, step.loss, rate, shown)
                 if cfg.save_every and state.step % cfg.save_every == 0 and not last:
                     save_checkpoint(out, model, optimizer, scheduler, state,
                                     extra_state(objective, hooks))
@@ -431,6 +438,13 @@ def train_loop(model: torch.nn.Module, objective: Objective,
         val_loss=val_loss if val_loss is not None else _last_val(history),
         trained_tokens_per_s=state.trained_tokens / max(state.train_seconds, 1e-9),
         train_seconds=state.train_seconds, history=history)
+
+
+def model_flops_utilization(state: LoopState, cfg: LoopConfig) -> float:
+    """Achieved model FLOP/s over the run so far (positions × FLOPs per position / training
+    seconds, evaluation excluded) as a fraction of the peak rate."""
+    achieved = state.positions * cfg.flops_per_position / max(state.train_seconds, 1e-9)
+    return achieved / cfg.peak_flops
 
 
 def _last_val(history: list[dict[str, Any]]) -> float | None:

@@ -188,19 +188,79 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_final_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any],
                      lora: bool) -> None:
-    """Merge LoRA (if any) and save a plain HF folder into `out`; exnihilo_run.json last."""
-    final = model.merge_and_unload() if lora else model
+    """Save `out` as the ecosystem expects a model folder, then exnihilo_run.json last.
+
+    - the merged model (LoRA folded in) as a plain Hugging Face folder, safetensors;
+    - with LoRA, the peft adapter itself in `out/adapter/` (vLLM `--lora-modules`, Ollama
+      `ADAPTER`, `PeftModel.from_pretrained(base, out/"adapter")` read it);
+    - a prompt style other than "chat" baked into the tokenizer's `chat_template`, so servers
+      and `lm-eval --apply_chat_template` prompt the model the way it was trained;
+    - `trainer_state.json` with the metrics history (transformers' `log_history` key) and a
+      model card (README.md) with base model, data hashes, config and final metrics.
+    Everything is written into a temp folder inside `out` and renamed into place.
+    """
+    import copy
+
+    from exnihilo.styles import style_chat_template
+
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
+        if lora:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        final = model.merge_and_unload() if lora else model
         final.save_pretrained(tmp, safe_serialization=True)
+        template = style_chat_template(info.get("style") or "chat")
+        if template is not None:
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
+        history = read_metrics(out)
+        write_json_atomic(tmp / "trainer_state.json", {
+            "global_step": info.get("steps"), "log_history": history,
+            "best_metric": None, "trial_name": None})
+        (tmp / "README.md").write_text(model_card(info, history), encoding="utf-8")
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config last
         for path in files:
+            if path.is_dir():
+                shutil.rmtree(out / path.name, ignore_errors=True)
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomic(out / RUN_INFO, info)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def model_card(info: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """A Hugging Face model card: YAML header, then what was trained on what, and how."""
+    config = info.get("config") or {}
+    hashes = {k: v for k, v in (info.get("identity") or {}).items() if k.endswith("_sha256")}
+    last = history[-1] if history else {}
+    vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+    lines = ["---", "library_name: transformers", "tags:", "- exnihilo",
+             f"- {info.get('kind', 'trained')}", "---", "",
+             f"# {Path(str(config.get('out', 'model'))).name}", "",
+             f"Trained with exnihilo (`exnihilo train {info.get('kind', '')}`) from "
+             f"`{info.get('base_model')}`, prompt style `{info.get('style', 'chat')}`.",
+             "LoRA adapter in `adapter/`; this folder holds the merged model."
+             if not config.get("full", True) else "Full finetuning.", "",
+             "## Results", "",
+             f"- optimizer steps: {info.get('steps')}",
+             f"- final training loss: {last.get('loss')}",
+             f"- final validation loss: {vals[-1] if vals else None}", "",
+             "## Data", ""]
+    lines += [f"- `{config.get(k[:-len('_sha256')], k)}` sha256 `{v}`"
+              for k, v in hashes.items()] or ["- (not recorded)"]
+    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2,
+                                                                default=str), "```", ""]
+    return "\n".join(lines)
 
 
 def read_run_info(folder: str | Path) -> dict[str, Any] | None:

@@ -165,7 +165,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, on_step: Any = None,
             "config": cfg.model_dump(),
             "data": {k: v for k, v in asdict(data.report).items() if k != "skipped_ids"},
             "steps": result.steps, "train_loss": result.train_loss,
-            "val_loss": result.val_loss}
+            "val_loss": result.val_loss, "identity": identity}
     save_final_model(model, tokenizer, out, info, lora=not cfg.full)
     return SFTResult(out=str(out), steps=result.steps, train_loss=result.train_loss,
                      val_loss=result.val_loss,
