@@ -385,6 +385,6 @@ def test_the_embedded_judge_in_logprob_mode_scores_every_answer(real_engine):
     verdicts = [r["meta"]["judge"] for r in results]
     assert all(v["score"] is not None and 0 <= v["score"] <= 100 for v in verdicts)
     assert all(v["confidence"] > 0.01 for v in verdicts)
-    option, p = choose_option(real_engine, [{"role": "user", "content": "Is the sky blue? "
-                                             "Answer yes or no."}], ["Yes.", "No."])
-    assert option == "Yes." and 0.5 < p <= 1
+    option, p = choose_option(real_engine, [{"role": "user", "content": "What is the capital "
+                                             "of France?"}], ["Berlin", "Paris", "Rome"])
+    assert option == "Paris" and 0.5 < p <= 1

@@ -18,6 +18,13 @@ parsing step entirely and keeps the information a single sampled token throws aw
 Nothing here can be "unparseable". What remains is a judge whose top-k tokens hold no
 score token at all: that record's score is None with `confidence` 0, counted like an
 unreadable answer.
+
+What this fixes and what it cannot: it removes parsing failures and exposes position bias
+as a number, but it does not give a small judge judgement. On the embedded 135M model
+(`benchmarks/judge_sanity.py`, 30 ch07 prompts, right references against shifted ones)
+the expected-digit score separates right from wrong at AUC 0.51 (chance), and its letter
+probabilities favour whichever answer is shown first (P(first) 0.70); the answers' own
+log-likelihood separates them at AUC 0.97. Read these scores from a strong judge.
 """
 
 from __future__ import annotations
