@@ -279,6 +279,18 @@ def test_bad_inputs_fail_with_one_clear_line(run_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_error_midway_through_the_tensors_leaves_no_file(run_folder, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run_folder / "model.safetensors")
+    weights["model.layers.1.extra_proj.weight"] = torch.zeros(4, 4)
+    save_file(weights, run_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExnihiloError, match="extra_proj.weight' has no GGUF name"):
+        export_gguf(run_folder, tmp_path / "x.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no file, no temp file
+
+
 def test_ollama_with_a_non_chatml_template_writes_nothing(run_folder, tmp_path):
     config = json.loads((run_folder / "tokenizer_config.json").read_text())
     (run_folder / "chat_template.jinja").unlink(missing_ok=True)
