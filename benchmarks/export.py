@@ -1,6 +1,6 @@
 """GGUF export fidelity: the exported file run by the real llama.cpp vs the transformers model.
 
-    python benchmarks/export.py                         # SmolLM2-135M-Instruct, f16 q8_0 q4_0
+    python benchmarks/export.py                 # SmolLM2-135M-Instruct: f16 q8_0 q4_1 q4_0
     python benchmarks/export.py --model runs/sft1 --types f16 q8_0 --positions 2048
 
 Held-out text: the last records of LLMs-from-scratch's instruction data
@@ -9,8 +9,12 @@ template (what the exported model will be prompted with), joined and cut into wi
 --ctx tokens. For every position, both runtimes give next-token logits for the same token ids
 (the HF tokenizer's; the tokenizer round trip is tested separately): we report top-1 agreement
 with transformers (float32), mean KL(transformers || llama.cpp) in nats, the largest logit
-difference, file size and export time. One thread everywhere (the machine is shared).
-Prints JSON.
+difference, file size and export time; and the same figures for the file read back by
+transformers (`transformers_on_gguf`: the weights' rounding alone, without llama.cpp's own
+arithmetic). One thread everywhere (the machine is shared). Prints JSON.
+
+The embedded SmolLM2 was itself dequantized from a Q4_1 GGUF, so its weights lie on a Q4_1
+grid: q4_1 re-creates that grid almost exactly, while q4_0 rounds it a second time.
 """
 
 from __future__ import annotations
@@ -76,6 +80,18 @@ def llama_cpp_logits(path: Path, windows: list[list[int]], ctx: int) -> np.ndarr
     return np.concatenate(out)
 
 
+def transformers_on_gguf(path: Path, windows: list[list[int]]) -> np.ndarray:
+    """The same file read back by transformers (dequantized weights, float32 activations):
+    separates the weights' rounding from llama.cpp's own arithmetic (its quantized matmuls
+    also round the activations to 8 bits, and it keeps the KV cache in f16)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    return hf_logits(model, windows)
+
+
 def compare(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     lp, lq = log_softmax(reference), log_softmax(logits)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
@@ -87,7 +103,9 @@ def compare(reference: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0"])
+    parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_1", "q4_0"])
+    parser.add_argument("--no-weights-only", action="store_true",
+                        help="Skip reading each file back with transformers (slow: ~30 s).")
     parser.add_argument("--positions", type=int, default=1024)
     parser.add_argument("--ctx", type=int, default=512)
     args = parser.parse_args()
@@ -120,6 +138,9 @@ def main() -> None:
                 "export_s": round(export_seconds, 1),
                 "llama_cpp_eval_s": round(time.perf_counter() - started, 1),
                 "tensor_types": export.tensor_types}
+            if not args.no_weights_only:
+                results[qtype]["transformers_on_gguf"] = compare(
+                    reference, transformers_on_gguf(export.path, windows))
             export.path.unlink()
     print(json.dumps({
         "model": args.model, "positions": len(ids), "ctx": args.ctx,

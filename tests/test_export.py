@@ -279,6 +279,18 @@ def test_bad_inputs_fail_with_one_clear_line(run_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_error_midway_through_the_tensors_leaves_no_file(run_folder, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run_folder / "model.safetensors")
+    weights["model.layers.1.extra_proj.weight"] = torch.zeros(4, 4)
+    save_file(weights, run_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExnihiloError, match="extra_proj.weight' has no GGUF name"):
+        export_gguf(run_folder, tmp_path / "x.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no file, no temp file
+
+
 def test_ollama_with_a_non_chatml_template_writes_nothing(run_folder, tmp_path):
     config = json.loads((run_folder / "tokenizer_config.json").read_text())
     (run_folder / "chat_template.jinja").unlink(missing_ok=True)
@@ -365,7 +377,8 @@ def test_llama_cpp_logits_match_transformers(tiny_run, exported, smol_tokenizer)
     pytest.importorskip("llama_cpp")
     ids = smol_tokenizer(PASSAGE, add_special_tokens=False)["input_ids"]
     reference = hf_logits(tiny_run[1], ids)
-    logits = {q: llama_logits(exported(q), ids) for q in ("f32", "f16", "q8_0", "q4_0")}
+    qtypes = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+    logits = {q: llama_logits(exported(q), ids) for q in qtypes}
     # f32 is the same computation: any layout mistake (Q/K order, tied head) shows here.
     assert np.abs(logits["f32"] - reference).max() < 1e-3
     top1 = {q: float((x.argmax(-1) == reference.argmax(-1)).mean()) for q, x in logits.items()}
@@ -374,13 +387,17 @@ def test_llama_cpp_logits_match_transformers(tiny_run, exported, smol_tokenizer)
     assert top1["f32"] == 1.0 and top1["f16"] >= 0.99
     assert np.abs(logits["f16"] - reference).max() < 5e-3
     assert kl["f32"] < 1e-7 and kl["f16"] < 1e-5
-    assert kl["q8_0"] < 1e-3
-    assert kl["f16"] < kl["q8_0"] < kl["q4_0"]  # fewer bits, further from the model
+    assert top1["bf16"] >= 0.95 and kl["bf16"] < 1e-4
+    assert all(kl[q] < 1e-3 for q in qtypes)
+    # Fewer bits, further from the model (each step halves the rounding step, KL ~ step²).
+    assert kl["f16"] < kl["q8_0"] < kl["q5_0"] < kl["q4_0"]
+    assert kl["q5_1"] < kl["q4_1"]
 
 
 @pytest.mark.slow
-def test_real_smollm2_f16_agrees_with_transformers(smol_tokenizer, tmp_path):
-    """The issue's bar on the real 135M model: f16 top-1 ≥ 99% of positions, q8_0 KL small."""
+def test_real_smollm2_f16_and_q8_0_agree_with_transformers(smol_tokenizer, tmp_path):
+    """The issue's bar on the real 135M model: f16 top-1 ≥ 99% of positions; q8_0 bounded
+    loosely on this short text (benchmarks/export.py: 97% and KL 0.003 on 1,024 positions)."""
     pytest.importorskip("llama_cpp")
     from exnihilo.models import load_model
 
@@ -390,7 +407,7 @@ def test_real_smollm2_f16_agrees_with_transformers(smol_tokenizer, tmp_path):
          {"role": "assistant", "content": PASSAGE}], tokenize=False)
     ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
     reference = hf_logits(model, ids)
-    for qtype, min_top1, max_kl in (("f16", 0.99, 1e-3), ("q8_0", 0.95, 1e-2)):
+    for qtype, min_top1, max_kl in (("f16", 0.99, 1e-3), ("q8_0", 0.9, 2e-2)):
         out = export_gguf("smollm2-135m-instruct", tmp_path / f"smol-{qtype}.gguf", qtype).path
         logits = llama_logits(out, ids)
         top1 = float((logits.argmax(-1) == reference.argmax(-1)).mean())

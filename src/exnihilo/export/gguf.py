@@ -535,10 +535,12 @@ def export_gguf(model: str | Path, out_path: str | Path, qtype: str = "f16",
     os.close(fd)
     tmp = Path(tmp_name)
     types: Counter[str] = Counter()
+    writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         add_model_metadata(writer, config, spec, _model_name(model, folder))
         add_tokenizer_metadata(writer, vocab, template)
+        # The writer keeps every tensor until the end (about the model's f32 size at peak:
+        # 1.2 GB RSS for the 135M model), then writes header, metadata and data in one go.
         for name, data, ggml_type in convert_tensors(folder, config, spec):
             writer.add_tensor(name, data, raw_dtype=ggml_type)
             types[ggml_type.name] += 1
@@ -548,6 +550,7 @@ def export_gguf(model: str | Path, out_path: str | Path, qtype: str = "f16",
         writer.close()
         os.replace(tmp, out)
     finally:
+        writer.close()  # a second close is a no-op; after an error it releases the file
         tmp.unlink(missing_ok=True)
     result = ExportResult(path=out, qtype=qtype, size_bytes=out.stat().st_size,
                           n_tensors=sum(types.values()), tensor_types=dict(types),
