@@ -28,14 +28,23 @@ def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = N
 
 def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: int = 32,
                  base_urls: list[str] | None = None, concurrency: int = 8,
-                 label: str = "generating") -> Any:
-    """A local transformers engine or an OpenAI-compatible client for `model`."""
+                 label: str = "generating", draft_model: str | None = None) -> Any:
+    """A local transformers engine or an OpenAI-compatible client for `model`; with
+    `draft_model`, the local engine decodes speculatively (`engines.speculative`)."""
     from exnihilo.engines import make_engine
 
     check_engine(engine, base_urls)
+    if draft_model is not None and engine != "transformers":
+        raise ExnihiloError("--draft-model needs the local engine (--engine transformers)")
     if engine == "transformers":
-        return make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
-                           progress_label=label)
+        local = make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
+                            progress_label=label)
+        if draft_model is None:
+            return local
+        from exnihilo.engines.speculative import SpeculativeEngine
+        from exnihilo.models import load_model
+
+        return SpeculativeEngine(local, load_model(draft_model, dtype=dtype))
     if engine == "openai":
         return make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
                            progress_label=label)

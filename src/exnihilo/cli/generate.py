@@ -40,6 +40,10 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed", help="Base seed; each prompt derives its own."),
     show: int = typer.Option(2, "--show", help="Print this many answers at the end."),
+    draft_model: str = typer.Option(
+        None, "--draft-model", help="Speculative decoding with this small draft model (same "
+        "tokenizer; local engine, one prompt at a time): the output keeps the model's own "
+        "distribution, greedy output is token-identical."),
 ) -> None:
     """Answer every prompt of an eval set with one model, batched and resumable.
 
@@ -50,6 +54,7 @@ def generate_command(
 
     from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
+    from exnihilo.errors import ExnihiloError
     from exnihilo.evaluate import (
         generate_responses,
         generation_summary,
@@ -64,8 +69,11 @@ def generate_command(
     style = resolve_style(style, model)
     params = SamplingParams(temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, seed=seed)
+    if draft_model is not None and engine != "transformers":
+        raise ExnihiloError("--draft-model needs the local engine (--engine transformers)")
     gen = build_engine(engine, model, dtype=dtype, batch_size=batch_size,
-                       base_urls=base_url, concurrency=concurrency, label="generating")
+                       base_urls=base_url, concurrency=concurrency, label="generating",
+                       draft_model=draft_model)
     started = time.perf_counter()
     results = generate_responses(gen, records, params, style=style, out=out)
     summary = generation_summary(results, time.perf_counter() - started)
