@@ -607,3 +607,28 @@ def test_cli_merge_and_warp(folders):
     assert sorted(p.name for p in (root / "wsweep").iterdir()) == ["eta-0.00", "eta-0.50"]
     meta = json.loads((root / "wsweep" / "eta-0.50" / "warp.json").read_text())
     assert len(meta["policies"]) == 2
+
+
+def test_warp_sweep_table_reward_against_kl(folders, tmp_path):
+    """The η sweep, measured on held-out pairs: η = 0 is the init (no reward, no KL); KL to
+    the init grows along the interpolation; the HTML page escapes what it shows."""
+    from exnihilo.merge import warp_sweep
+    from exnihilo.merge.sweep import sweep_report, sweep_table
+
+    root = folders["root"]
+    init, a, b = (str(folders[k]) for k in ("base", "a", "b"))
+    etas = [0.0, 0.5, 1.0]
+    results = warp_sweep(init, [a, b], etas, root / "sweep-eval")
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"Question {i}: <b>colour</b>?",
+                                "chosen": f"Blue number {i}.",
+                                "rejected": f"I refuse {i}."}) + "\n")
+    rows = sweep_table(init, [(e, str(r.out)) for e, r in zip(etas, results, strict=True)],
+                       str(pairs))
+    assert [r["eta"] for r in rows] == etas and rows[0]["pairs"] == 4
+    assert rows[0]["reward_margin"] == 0.0 and rows[0]["kl_to_init"] == pytest.approx(0, abs=1e-7)
+    assert 0 < rows[1]["kl_to_init"] < rows[2]["kl_to_init"]
+    page = sweep_report(rows, tmp_path / "sweep.html").read_text()
+    assert "<svg" in page and "η=0.5" in page and "<b>" not in page

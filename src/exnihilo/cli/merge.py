@@ -58,6 +58,11 @@ def warp_command(
                                   help="Comma-separated η values; writes OUT/eta-<η> for "
                                        "each (one pass over the weights)."),
     out: Path = typer.Option(..., "-o", "--out", help="New output folder (must not exist)."),
+    eval_pairs: str = typer.Option(
+        None, "--eval-pairs", help="With --eta-sweep: held-out preference pairs; writes "
+        "OUT/sweep.json and OUT/sweep.html (implicit reward margin against KL to --init for "
+        "each η)."),
+    eval_limit: int = typer.Option(64, "--eval-limit", min=1, help="Pairs used by --eval-pairs."),
 ) -> None:
     """WARP merge: slerp of the policies' task vectors, then interpolation towards --init."""
     from exnihilo.merge import warp, warp_sweep
@@ -66,4 +71,24 @@ def warp_command(
     if eta_sweep is None:
         _print_summaries([warp(init, all_policies, eta, out)])
         return
-    _print_summaries(warp_sweep(init, all_policies, _eta_grid(eta_sweep), out))
+    if eval_pairs is not None and not Path(eval_pairs).is_file():
+        raise ExnihiloError(f"--eval-pairs {eval_pairs}: no such file")
+    summaries = warp_sweep(init, all_policies, _eta_grid(eta_sweep), out)
+    _print_summaries(summaries)
+    if eval_pairs is not None:
+        import json
+
+        from exnihilo.merge.sweep import sweep_report, sweep_table
+        from exnihilo.outputs import write_text_atomic
+
+        etas = _eta_grid(eta_sweep)
+        rows = sweep_table(init, [(eta, str(s.out)) for eta, s in zip(etas, summaries,
+                                                                      strict=True)],
+                           eval_pairs, limit=eval_limit)
+        write_text_atomic(out / "sweep.json", json.dumps(rows, indent=2))
+        sweep_report(rows, out / "sweep.html")
+        for row in rows:
+            console.print(f"η {row['eta']:<5g} reward margin {row['reward_margin']:+.4f} · "
+                          f"accuracy {100 * row['reward_accuracy']:.1f} % · KL to init "
+                          f"{row['kl_to_init']:.6f}", highlight=False)
+        console.print(f"sweep → {out / 'sweep.html'}", highlight=False)
