@@ -62,7 +62,9 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
                           "command to resume (`train` runs: add --resume)", markup=False,
                           highlight=False)
         sys.exit(130)
-    sys.exit(rv if isinstance(rv, int) else 0)
+    if isinstance(rv, int) and rv != 0:
+        sys.exit(rv)
+    # Success returns normally: a notebook or a test calling run_app keeps running.
 
 
 def fail(message: str) -> NoReturn:
