@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--continual", action="store_true",
                         help="also continual pretraining of SmolLM2-135M (slow)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="override the size's tokens")
     args = parser.parse_args()
     threads(1)
     from transformers import AutoModelForCausalLM
@@ -116,7 +118,9 @@ def main() -> None:
     from exnihilo.models import load_tokenizer
     from exnihilo.train.pretrain import PretrainConfig, run_pretrain
 
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL)
+    if args.tokens is not None:
+        s["tokens"] = args.tokens
     out = Path(args.out)
     started = time.perf_counter()
     tokenizer = load_tokenizer(SYNTHESIZER)

@@ -45,6 +45,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="minutes, for CI")
     parser.add_argument("--out", default="runs/exp-prune")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="override the size's tokens")
+    parser.add_argument("--train-docs", type=int, default=None,
+                        help="override the size's train_docs")
+    parser.add_argument("--heldout-docs", type=int, default=None,
+                        help="override the size's heldout_docs")
     args = parser.parse_args()
     threads(1)
     import torch
@@ -54,7 +60,9 @@ def main() -> None:
     from exnihilo.prune import PruneTargets, run_prune
     from exnihilo.train.distill import DistillConfig, run_distill
 
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL)
+    overrides = ("tokens", "train_docs", "heldout_docs")
+    s.update({k: getattr(args, k) for k in overrides if getattr(args, k) is not None})
     out = Path(args.out)
     started = time.perf_counter()
     tokenizer = load_tokenizer(TEACHER)

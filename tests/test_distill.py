@@ -170,6 +170,8 @@ def test_distill_run_learns_and_resumes_exactly(tmp_path, smol_tokenizer, tiny_g
     result = run_distill(distill_cfg(tmp_path, path), student_obj=micro_student(
         smol_tokenizer), teacher_obj=tiny_gemma2, tokenizer=smol_tokenizer)
     assert result.steps == 6 and result.teacher_cache is not None
+    assert all(0 < r["mfu"] < 1.5 for r in json.loads("[" + ",".join(
+        (tmp_path / "kd" / "metrics.jsonl").read_text().split()) + "]"))
     rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().split()]
     assert [r["on_policy"] for r in rows].count(1.0) >= 1
     off = [r["loss"] for r in rows if r["on_policy"] == 0]

@@ -334,3 +334,22 @@ def test_pretrain_rejects_rows_longer_than_the_corpus(tmp_path, smol_tokenizer, 
     with pytest.raises(ExnihiloError, match="fewer than one row"):
         run_pretrain(cfg, tokenizer=smol_tokenizer)
     assert not (tmp_path / "run").exists()
+
+
+def test_continual_pretraining_of_an_existing_model(tmp_path, smol_tokenizer, tiny_llama,
+                                                    monkeypatch):
+    """--from: the given model itself trains on the packed corpus (no preset, no MFU for a
+    non-Gemma model), and the result is the same architecture with changed weights."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    cfg = pretrain_cfg(tmp_path, write_corpus(tmp_path), arch=None, tokens=256, lr=1e-3)
+    result = run_pretrain(cfg, model_obj=tiny_llama, tokenizer=smol_tokenizer)
+    assert result.steps == 2 and result.mfu is None
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert after.config.model_type == "llama"
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
+    assert "model.layers.0.mlp.down_proj.weight" in changed
+    info = json.loads((tmp_path / "run" / "exnihilo_run.json").read_text())
+    assert info["kind"] == "pretrain" and info["config"]["arch"] is None

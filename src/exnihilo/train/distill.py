@@ -57,7 +57,9 @@ from exnihilo.train.loop import Batch, LoopResult, train_loop
 from exnihilo.train.pretrain import (
     PRESETS,
     build_model,
+    flops_per_position,
     gemma2_config,
+    measure_matmul_flops,
     preset_names,
     row_plan,
     steps_for_budget,
@@ -378,6 +380,11 @@ def run_distill(cfg: DistillConfig, resume: bool = False, on_step: Any = None,
     loop_cfg = cfg.loop_config()
     if cfg.tokens is not None:
         loop_cfg.max_steps, loop_cfg.epochs = steps_for_budget(cfg.tokens, train.n_rows, cfg)
+    if base_model(student).config.model_type == "gemma2":
+        # The student's own MFU (the teacher's forward, cached or live, is not counted).
+        loop_cfg.flops_per_position = flops_per_position(base_model(student).config,
+                                                         cfg.seq_len)
+        loop_cfg.peak_flops = measure_matmul_flops(next(student.parameters()).dtype)
     rows_of = row_plan(train.n_rows, cfg.batch_size, cfg.seed)
 
     def plan(epoch: int) -> list[tuple[int, int, list[int]]]:
