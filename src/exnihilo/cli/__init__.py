@@ -93,4 +93,7 @@ _register_commands()
 
 
 def main() -> None:
+    from exnihilo.models import offline_by_default
+
+    offline_by_default()  # the CLI never reaches a hub unless asked; a library import never
     common.run_app(app)
