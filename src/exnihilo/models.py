@@ -5,8 +5,8 @@ files and `org/name` hub ids already in the local Hugging Face cache (downloaded
 `allow_download=True`). Importing this module leaves the environment alone: the CLI (and the
 Makefile) switch the hub offline with `offline_by_default()`, so a notebook's own
 `load_dataset("org/x")` keeps working after `import exnihilo`. A GGUF is dequantised once by
-transformers into a safetensors folder under the
-user cache (`$XDG_CACHE_HOME/exnihilo/models/`), which then reloads in about a second.
+transformers into a safetensors folder under the user cache
+(`$XDG_CACHE_HOME/exnihilo/models/`), which then reloads in about a second.
 """
 
 from __future__ import annotations

@@ -277,6 +277,12 @@ def to_record(obj: Any, where: str) -> Record:
     if _is_preference(obj):
         from exnihilo.train.preference_data import to_preference_record
 
+        if "conversations" in obj and "messages" not in obj:  # LLaMA-Factory's ranking rows
+            obj = {"id": obj.get("id"), "messages": from_sharegpt(obj, where)["messages"],
+                   "chosen": _sharegpt_answer(obj.get("chosen")),
+                   "rejected": _sharegpt_answer(obj.get("rejected"))}
+            if obj["id"] is None:
+                del obj["id"]
         return to_preference_record(obj, where)
     if "messages" in obj:
         if isinstance(obj["messages"], list) and obj["messages"] and all(
@@ -296,6 +302,12 @@ def to_record(obj: Any, where: str) -> Record:
     raise ExnihiloError(f"{where}: not a record (expected 'messages', Alpaca 'instruction', "
                         f"ShareGPT 'conversations', TRL 'prompt'/'completion' or "
                         f"'chosen'/'rejected'); keys: {', '.join(sorted(obj))[:80]}")
+
+
+def _sharegpt_answer(value: Any) -> Any:
+    """A ShareGPT `{"from": "gpt", "value": ...}` answer → its text (others pass through for
+    the preference reader to judge)."""
+    return value["value"] if isinstance(value, dict) and "value" in value else value
 
 
 def _is_preference(obj: dict[str, Any]) -> bool:
@@ -349,14 +361,18 @@ def from_prompt_only(obj: dict[str, Any], where: str = "prompt") -> Record:
 
 
 def from_alpaca(obj: dict[str, Any], where: str = "alpaca") -> Record:
-    """Alpaca {instruction, input, output} → user (instruction + input) / assistant."""
+    """Alpaca {instruction, input, output[, system]} → [system] / user (instruction + input)
+    / assistant."""
     instruction, inp, output = obj.get("instruction"), obj.get("input", ""), obj.get("output")
     if not isinstance(instruction, str) or not isinstance(output, str):
         raise ExnihiloError(f"{where}: Alpaca record needs string 'instruction' and 'output'")
     user = instruction if not inp else f"{instruction}\n\n{inp}"
     meta = {"source": "alpaca", "alpaca": {"instruction": instruction, "input": inp or ""}}
-    return make_record([{"role": "user", "content": user},
-                        {"role": "assistant", "content": output}], meta)
+    # LLaMA-Factory's and axolotl's optional "system" column becomes the system turn.
+    system = obj.get("system")
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    return make_record(head + [{"role": "user", "content": user},
+                               {"role": "assistant", "content": output}], meta)
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
