@@ -79,7 +79,7 @@ def test_the_walkthrough_runs(tmp_path, monkeypatch, capsys):
     ns = namespace
     assert len(ns["data"]) == 4
     for record in ns["data"]:
-        (q, a), (user, answer) = [int(w) for w in record["messages"][0]["content"].replace(
+        (q, a), (_user, answer) = [int(w) for w in record["messages"][0]["content"].replace(
             "?", "").split() if w.isdigit()], record["messages"]
         assert answer["content"] == f"{q} plus {a} is {q + a}."
     assert [r["meta"]["tags"]["quality"] for r in ns["tagged"]] == ["good"] * 4
