@@ -61,11 +61,30 @@ def embedded_gguf_path(entry: EmbeddedModel) -> Path | None:
     return None
 
 
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+ALLOW_DOWNLOAD_VAR = "EXNIHILO_ALLOW_DOWNLOAD"
+_set_offline: list[str] = []  # the variables offline_by_default set (not the user's own)
+
+
 def offline_by_default() -> None:
     """Switch the Hugging Face libraries offline unless the user said otherwise; the CLI
     calls this before anything imports huggingface_hub (which reads it once, at import)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    for var in OFFLINE_VARS:
+        if var not in os.environ:
+            os.environ[var] = "1"
+            _set_offline.append(var)
+
+
+def allow_downloads() -> None:
+    """`--allow-download`: hub ids missing from the cache may be fetched. Undoes only the
+    offline switches `offline_by_default` made; a user's own HF_HUB_OFFLINE=1 still wins."""
+    os.environ[ALLOW_DOWNLOAD_VAR] = "1"
+    while _set_offline:
+        os.environ.pop(_set_offline.pop(), None)
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get(ALLOW_DOWNLOAD_VAR, "") not in ("", "0")
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -75,7 +94,7 @@ def looks_like_hub_id(name: str) -> bool:
             and not Path(name).expanduser().exists())
 
 
-def resolve_hub_model(repo_id: str, allow_download: bool = False) -> Path:
+def resolve_hub_model(repo_id: str, allow_download: bool | None = None) -> Path:
     """A hub model id → its snapshot folder in the local Hugging Face cache.
 
     Never downloads unless `allow_download`; then it fetches only what loading needs
@@ -83,6 +102,8 @@ def resolve_hub_model(repo_id: str, allow_download: bool = False) -> Path:
     """
     from exnihilo.records import cached_snapshot, hub_cache
 
+    if allow_download is None:
+        allow_download = downloads_allowed()
     folder = cached_snapshot(repo_id, "model")
     if folder is None and allow_download:
         from huggingface_hub import snapshot_download
@@ -107,9 +128,10 @@ def resolve_hub_model(repo_id: str, allow_download: bool = False) -> Path:
     return folder
 
 
-def resolve_model(name_or_path: str, allow_download: bool = False) -> Path:
+def resolve_model(name_or_path: str, allow_download: bool | None = None) -> Path:
     """Return a local HF folder (config.json + safetensors) for a name, folder, .gguf or a
-    hub id in the local Hugging Face cache."""
+    hub id in the local Hugging Face cache (fetched only when `allow_download`, which
+    defaults to the CLI's `--allow-download`)."""
     if name_or_path in EMBEDDED:
         entry = EMBEDDED[name_or_path]
         target = cache_dir() / entry.name
