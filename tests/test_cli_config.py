@@ -105,3 +105,13 @@ def test_allow_download_is_explicit(tmp_path, monkeypatch):
     assert models.resolve_model("org/remote") == tmp_path / "dl"
     assert calls[0][0] == "org/remote" and "*.safetensors" in calls[0][1]
     assert not any(p.endswith((".bin", ".pt", ".py")) for p in calls[0][1])
+
+
+def test_quiet_prints_only_errors(tmp_path, data):
+    out = tmp_path / "q.jsonl"
+    r = run_cli("--quiet", "curate", "filter", str(data), "-o", str(out), "--where",
+                "quality>=good", "--missing", "drop")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert kept(out) == ["q good"]
+    r = run_cli("-q", "curate", "filter", str(data), "-o", str(out), "--where", "quality>=good")
+    assert r.returncode == 2 and r.stderr.startswith("error:")

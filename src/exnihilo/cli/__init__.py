@@ -50,12 +50,20 @@ def root(ctx: typer.Context,
          allow_download: bool = typer.Option(False, "--allow-download",
                                              help="Let --model org/name download from the "
                                                   "Hugging Face hub when it is not in the "
-                                                  "local cache (safetensors only).")) -> None:
+                                                  "local cache (safetensors only)."),
+         quiet: bool = typer.Option(False, "--quiet", "-q",
+                                    help="Print only errors (tables, notes and progress "
+                                         "bars off); files are written as usual.")) -> None:
     """Make small language models better starting from nothing."""
+    import os
+
     from exnihilo.cli.config import apply
     from exnihilo.models import allow_downloads
     from exnihilo.threads import apply_threads
 
+    if quiet:
+        common.console.quiet = True
+        os.environ["EXNIHILO_QUIET"] = os.environ["EXNIHILO_NO_PROGRESS"] = "1"
     apply_threads(threads)
     apply(ctx, config, print_config)
     if allow_download:
