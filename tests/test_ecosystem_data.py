@@ -173,8 +173,8 @@ def test_hub_model_id_resolves_from_cache(tmp_path, monkeypatch):
         "config.json": "{}", "pytorch_model.bin": ""})
     with pytest.raises(ExnihiloError, match="no safetensors weights"):
         resolve_model("org/pickled")
-    with pytest.raises(ExnihiloError, match=r"org/absent: not in the local Hugging Face cache"
-                                            r".*--allow-download"):
+    with pytest.raises(ExnihiloError, match=r"org/absent: no such folder, and not in the "
+                                            r"local Hugging Face cache.*--allow-download"):
         resolve_model("org/absent")
 
 

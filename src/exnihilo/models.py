@@ -116,9 +116,9 @@ def resolve_hub_model(repo_id: str, allow_download: bool | None = None) -> Path:
             raise ExnihiloError(f"--model {repo_id}: download failed ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if folder is None:
-        raise ExnihiloError(f"--model {repo_id}: not in the local Hugging Face cache "
-                            f"({hub_cache()}); download it with `hf download {repo_id}` or "
-                            f"pass --allow-download")
+        raise ExnihiloError(f"--model {repo_id}: no such folder, and not in the local Hugging "
+                            f"Face cache ({hub_cache()}) as a hub id; download it with `hf "
+                            f"download {repo_id}` or pass --allow-download")
     if not (folder / "config.json").exists():
         raise ExnihiloError(f"--model {repo_id}: the cached snapshot {folder} has no "
                             f"config.json (partial download?)")
