@@ -93,3 +93,30 @@ def test_the_walkthrough_runs(tmp_path, monkeypatch, capsys):
     assert ns["ife"].summary["n_prompts"] == 5
     printed = capsys.readouterr().out
     assert "4 of 4 kept" in printed and "mean judge score 85.0" in printed
+
+
+def test_dedup_in_memory_with_given_vectors():
+    import numpy as np
+
+    rows = exnihilo.load([{"prompt": p, "completion": "x"} for p in
+                          ("Add two numbers.", "add two numbers.", "Name a colour.",
+                           "Name a color.")])
+    vectors = np.array([[1, 0], [1, 0], [0, 1], [0.02, 1]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    kept = exnihilo.dedup(rows, threshold=0.05, vectors=vectors, method="exact")
+    assert [r["messages"][0]["content"] for r in kept] == ["Add two numbers.", "Name a colour."]
+    assert kept.summary.exact_duplicates == 1 and kept.summary.near_duplicates == 1
+
+
+def test_dpo_on_records_in_memory(tmp_path, tiny_llama, smol_tokenizer):
+    pairs = [{"prompt": [{"role": "user", "content": f"Say {w}."}],
+              "chosen": [{"role": "assistant", "content": w}],
+              "rejected": [{"role": "assistant", "content": f"No {w}!"}]}
+             for w in ("yes", "blue", "ten", "hi")]
+    result = exnihilo.dpo(pairs, tmp_path / "dpo", model_obj=tiny_llama,
+                          tokenizer=smol_tokenizer, max_steps=1, batch_size=2,
+                          val_fraction=0.0)
+    assert result.steps == 1
+    saved = exnihilo.load(tmp_path / "dpo.data.jsonl")
+    assert [r["chosen"]["content"] for r in saved] == ["yes", "blue", "ten", "hi"]
+    assert (tmp_path / "dpo" / "config.json").exists()
