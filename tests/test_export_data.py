@@ -155,3 +155,13 @@ def test_load_dataset_reads_every_output_kind(tmp_path, smol_tokenizer):
         ds = datasets.load_dataset("json", data_files=str(path), split="train",
                                    cache_dir=str(tmp_path / "hf-cache"))
         assert len(ds) == expected, path.name
+
+
+def test_parquet_without_pyarrow_fails_before_reading(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ExnihiloError, match="--format parquet needs pyarrow"):
+        export_data(tmp_path / "missing.jsonl", tmp_path / "ds", "parquet")
+    assert not (tmp_path / "ds").exists()

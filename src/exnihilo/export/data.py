@@ -196,14 +196,19 @@ def _check_folder_output(out: Path) -> None:
                                 f"choose another -o (nothing was changed)")
 
 
-def write_parquet_folder(out: Path, rows: list[dict[str, Any]], card: str) -> None:
-    """Build the folder beside `out` and swap it in, so a failure leaves no half folder."""
+def _pyarrow() -> tuple[Any, Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ExnihiloError("--format parquet needs pyarrow: pip install "
                             "'exnihilo[parquet]'") from None
+    return pa, pq
+
+
+def write_parquet_folder(out: Path, rows: list[dict[str, Any]], card: str) -> None:
+    """Build the folder beside `out` and swap it in, so a failure leaves no half folder."""
+    pa, pq = _pyarrow()
     _check_folder_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -235,7 +240,10 @@ def export_data(input_path: str | Path, out: str | Path, fmt: str) -> DataExport
     out = Path(out)
     if fmt not in FORMATS:
         raise ExnihiloError(f"unknown --format {fmt!r} (known: {', '.join(FORMATS)})")
-    if fmt != "parquet":
+    if fmt == "parquet":
+        _pyarrow()  # a missing dependency fails before the input is read
+        _check_folder_output(out)
+    else:
         outputs.check_output(out, [input_path] if not str(input_path).startswith("hf:")
                              else [])
     records = read_any(input_path)
