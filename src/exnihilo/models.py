@@ -1,8 +1,12 @@
 """Resolve a model name, HF folder or GGUF file to a local safetensors folder, and load it.
 
-No hub access anywhere: names resolve only to the embedded registry, local folders and local
-GGUF files. A GGUF is dequantised once by transformers into a safetensors folder under the
-user cache (`$XDG_CACHE_HOME/exnihilo/models/`), which then reloads in about a second.
+No hub access unless asked: names resolve to the embedded registry, local folders, local GGUF
+files and `org/name` hub ids already in the local Hugging Face cache (downloaded only with
+`allow_download=True`). Importing this module leaves the environment alone: the CLI (and the
+Makefile) switch the hub offline with `offline_by_default()`, so a notebook's own
+`load_dataset("org/x")` keeps working after `import exnihilo`. A GGUF is dequantised once by
+transformers into a safetensors folder under the user cache
+(`$XDG_CACHE_HOME/exnihilo/models/`), which then reloads in about a second.
 """
 
 from __future__ import annotations
@@ -17,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from exnihilo.errors import ExnihiloError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -60,8 +61,77 @@ def embedded_gguf_path(entry: EmbeddedModel) -> Path | None:
     return None
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """Return a local HF folder (config.json + safetensors) for a name, folder or .gguf."""
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+ALLOW_DOWNLOAD_VAR = "EXNIHILO_ALLOW_DOWNLOAD"
+_set_offline: list[str] = []  # the variables offline_by_default set (not the user's own)
+
+
+def offline_by_default() -> None:
+    """Switch the Hugging Face libraries offline unless the user said otherwise; the CLI
+    calls this before anything imports huggingface_hub (which reads it once, at import)."""
+    for var in OFFLINE_VARS:
+        if var not in os.environ:
+            os.environ[var] = "1"
+            _set_offline.append(var)
+
+
+def allow_downloads() -> None:
+    """`--allow-download`: hub ids missing from the cache may be fetched. Undoes only the
+    offline switches `offline_by_default` made; a user's own HF_HUB_OFFLINE=1 still wins."""
+    os.environ[ALLOW_DOWNLOAD_VAR] = "1"
+    while _set_offline:
+        os.environ.pop(_set_offline.pop(), None)
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get(ALLOW_DOWNLOAD_VAR, "") not in ("", "0")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """"org/name" with no path meaning here (not an existing path, no ./ or ~ prefix)."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not Path(name).expanduser().exists())
+
+
+def resolve_hub_model(repo_id: str, allow_download: bool | None = None) -> Path:
+    """A hub model id → its snapshot folder in the local Hugging Face cache.
+
+    Never downloads unless `allow_download`; then it fetches only what loading needs
+    (config, tokenizer, safetensors), never pickled weights or custom code.
+    """
+    from exnihilo.records import cached_snapshot, hub_cache
+
+    if allow_download is None:
+        allow_download = downloads_allowed()
+    folder = cached_snapshot(repo_id, "model")
+    if folder is None and allow_download:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(
+                repo_id, cache_dir=hub_cache(),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception as e:  # offline, no such repo, gated: one line
+            raise ExnihiloError(f"--model {repo_id}: download failed ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if folder is None:
+        raise ExnihiloError(f"--model {repo_id}: no such folder, and not in the local Hugging "
+                            f"Face cache ({hub_cache()}) as a hub id; download it with `hf "
+                            f"download {repo_id}` or pass --allow-download")
+    if not (folder / "config.json").exists():
+        raise ExnihiloError(f"--model {repo_id}: the cached snapshot {folder} has no "
+                            f"config.json (partial download?)")
+    if not any(folder.glob("*.safetensors")):
+        raise ExnihiloError(f"--model {repo_id}: the cached snapshot {folder} has no "
+                            f"safetensors weights (exnihilo loads safetensors only)")
+    return folder
+
+
+def resolve_model(name_or_path: str, allow_download: bool | None = None) -> Path:
+    """Return a local HF folder (config.json + safetensors) for a name, folder, .gguf or a
+    hub id in the local Hugging Face cache (fetched only when `allow_download`, which
+    defaults to the CLI's `--allow-download`)."""
     if name_or_path in EMBEDDED:
         entry = EMBEDDED[name_or_path]
         target = cache_dir() / entry.name
@@ -91,10 +161,13 @@ def resolve_model(name_or_path: str) -> Path:
         if (target / "config.json").exists():
             return target
         return convert_gguf(path, target)
+    if looks_like_hub_id(name_or_path):
+        return resolve_hub_model(name_or_path, allow_download)
     known = ", ".join(EMBEDDED)
     raise ExnihiloError(
         f"unknown model {name_or_path!r}: not an embedded name ({known}), not a folder with "
-        f"config.json, not a .gguf file (cache: {cache_dir()}); run `exnihilo models` to list")
+        f"config.json, not a .gguf file, not an org/name hub id "
+        f"(cache: {cache_dir()}); run `exnihilo models` to list")
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,55 +132,247 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def read_any(path: str | Path) -> list[Record]:
-    """Read our JSONL records, Alpaca (JSON array or JSONL) or ShareGPT into schema records."""
+    """Read any supported data source into schema records.
+
+    Sources: a JSONL file (one record a line), a `.json` file (a JSON array, or JSON lines as
+    `datasets.Dataset.to_json` writes them), a `.parquet` file (needs pyarrow), or
+    `hf:org/name[:split]`, a dataset in the local Hugging Face hub cache. Every row goes
+    through `to_record`, so formats may be mixed; a row that cannot become a record is an
+    error naming its file and line (or row), never a quiet skip.
+    """
+    if str(path).startswith(HF_PREFIX):
+        return read_hf_dataset(str(path))
+    return [to_record(obj, where) for where, obj in iter_rows(path)]
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ("file:line" or "file[row]", parsed object) for every row of a data file."""
     path = Path(path)
     _check_input(path)
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
     with path.open("rb") as f:
         text_head = f.read(4096).lstrip()[:1]
-    if path.suffix == ".json" or text_head == b"[":
+    if text_head == b"[":
         try:
             rows = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise ExnihiloError(f"{path}: expected a JSON array of records")
-        numbered: Iterable[tuple[str, Any]] = ((f"{path}[{i}]", r) for i, r in enumerate(rows))
+        yield from ((f"{path}[{i}]", r) for i, r in enumerate(rows))
     else:
-        numbered = ((f"{path}:{n}", r) for n, r in iter_jsonl(path))
-    return [to_record(obj, where) for where, obj in numbered]
+        # JSON lines, whatever the suffix: `Dataset.to_json` writes them to "x.json".
+        yield from ((f"{path}:{n}", r) for n, r in iter_jsonl(path))
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a parquet file as dicts, numbered from 1 like lines."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ExnihiloError(f"{path}: reading parquet needs pyarrow: pip install "
+                            f"'exnihilo[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's own errors for a corrupt or non-parquet file
+        raise ExnihiloError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        # A column a row does not have reads back as null: drop it, as JSON would omit it.
+        yield f"{path}:row {i}", {k: v for k, v in row.items() if v is not None}
+
+
+# ------------------------------------------------------------------ Hugging Face hub cache
+
+HF_PREFIX = "hf:"
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time
+    (HF_HUB_CACHE, then HF_HOME/hub, then huggingface_hub's default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def cached_snapshot(repo_id: str, repo_type: str) -> Path | None:
+    """The cached snapshot folder of a hub repo, or None; never touches the network.
+
+    huggingface_hub's `snapshot_download(local_files_only=True)` does exactly this lookup
+    (refs/main → snapshots/<commit>), so it is used rather than re-deriving the layout.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, cache_dir=hub_cache(),
+                                   local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+    return Path(folder)
+
+
+def parse_hf_source(source: str) -> tuple[str, str]:
+    """"hf:org/name[:split]" → (repo id, split); the split defaults to "train"."""
+    body = source[len(HF_PREFIX):]
+    repo_id, _, split = body.partition(":")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ExnihiloError(f"{source}: expected hf:org/name or hf:org/name:split")
+    return repo_id, split or "train"
+
+
+def split_files(snapshot: Path, split: str) -> list[Path]:
+    """The data files of one split in a dataset snapshot, in name order.
+
+    The hub's own convention (what `datasets` infers without a loading script): a file
+    belongs to split S when a path component or the file name starts with S followed by a
+    separator or the suffix ("train.jsonl", "data/train-00000-of-00001.parquet", "train/x").
+    """
+    pattern = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    files = [p for p in sorted(snapshot.rglob("*"))
+             if p.suffix in DATA_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+    return [p for p in files
+            if pattern.search(p.relative_to(snapshot).with_suffix("").as_posix())]
+
+
+def read_hf_dataset(source: str) -> list[Record]:
+    """Records of `hf:org/name[:split]` from the local hub cache only (never downloaded)."""
+    repo_id, split = parse_hf_source(source)
+    snapshot = cached_snapshot(repo_id, "dataset")
+    if snapshot is None:
+        raise ExnihiloError(f"{source}: dataset {repo_id} is not in the local Hugging Face "
+                            f"cache ({hub_cache()}); exnihilo never downloads it: fetch it "
+                            f"with `hf download {repo_id} --repo-type dataset` first")
+    files = split_files(snapshot, split)
+    if not files:
+        found = sorted({p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                        if p.suffix in DATA_SUFFIXES})
+        raise ExnihiloError(f"{source}: no data files for split {split!r} in {snapshot} "
+                            f"(data files there: {', '.join(found[:8]) or 'none'})")
+    return [record for f in files for record in read_any(f)]
+
+
+# ------------------------------------------------------------------------- formats in
+
+PLAIN_TEXT_HINT = ("a plain-text record ('text'): this command needs conversations; plain "
+                   "text trains with `exnihilo train pretrain`")
 
 
 def to_record(obj: Any, where: str) -> Record:
-    """Convert one object in any supported format to a schema record."""
-    if isinstance(obj, dict) and "messages" in obj:
+    """Convert one object in any supported format to a schema record.
+
+    Formats: ours (`messages`), Alpaca (`instruction`/`input`/`output`), ShareGPT
+    (`conversations`), TRL prompt-completion (`prompt` + `completion`, strings or message
+    lists), TRL preference (`chosen`/`rejected`, read by `train.preference_data`, so the
+    two readers agree), and prompt-only (`prompt`, a string or messages). A TRL/axolotl
+    plain-text record (`text`) is an error here: it has no roles to train a chat model on.
+    """
+    if not isinstance(obj, dict):
+        raise ExnihiloError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if _is_preference(obj):
+        from exnihilo.train.preference_data import to_preference_record
+
+        if "conversations" in obj and "messages" not in obj:  # LLaMA-Factory's ranking rows
+            obj = {"id": obj.get("id"), "messages": from_sharegpt(obj, where)["messages"],
+                   "chosen": _sharegpt_answer(obj.get("chosen")),
+                   "rejected": _sharegpt_answer(obj.get("rejected"))}
+            if obj["id"] is None:
+                del obj["id"]
+        return to_preference_record(obj, where)
+    if "messages" in obj:
+        if isinstance(obj["messages"], list) and obj["messages"] and all(
+                isinstance(m, dict) and "from" in m for m in obj["messages"]):
+            return from_sharegpt({"conversations": obj["messages"]}, where)  # axolotl style
         return validate_record(obj, where)
-    if isinstance(obj, dict) and "instruction" in obj:
+    if "instruction" in obj:
         return from_alpaca(obj, where)
-    if isinstance(obj, dict) and "conversations" in obj:
+    if "conversations" in obj:
         return from_sharegpt(obj, where)
-    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        return from_prompt_only(obj)
+    if "prompt" in obj and "completion" in obj:
+        return from_prompt_completion(obj, where)
+    if "prompt" in obj:
+        return from_prompt_only(obj, where)
+    if "text" in obj:
+        raise ExnihiloError(f"{where}: {PLAIN_TEXT_HINT}")
     raise ExnihiloError(f"{where}: not a record (expected 'messages', Alpaca 'instruction', "
-                        f"ShareGPT 'conversations' or a 'prompt' string)")
+                        f"ShareGPT 'conversations', TRL 'prompt'/'completion' or "
+                        f"'chosen'/'rejected'); keys: {', '.join(sorted(obj))[:80]}")
 
 
-def from_prompt_only(obj: dict[str, Any]) -> Record:
-    """A prompt with no answer (IFEval's {"key", "prompt", ...}) → a user-only record; the
-    other fields are kept under meta.fields for scorers that need them."""
+def _sharegpt_answer(value: Any) -> Any:
+    """A ShareGPT `{"from": "gpt", "value": ...}` answer → its text (others pass through for
+    the preference reader to judge)."""
+    return value["value"] if isinstance(value, dict) and "value" in value else value
+
+
+def _is_preference(obj: dict[str, Any]) -> bool:
+    """A preference row, unless it is already our own record with single-message answers
+    (which `validate_record` keeps as is, extra fields and all)."""
+    if "chosen" not in obj and "rejected" not in obj:
+        return False
+    ours = "messages" in obj and all(isinstance(obj.get(k), dict) for k in ("chosen", "rejected"))
+    return not ours
+
+
+def _turns(value: Any, where: str, name: str, default_role: str) -> list[Message]:
+    """A TRL field: a string (one `default_role` turn) or a list of {role, content}."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ExnihiloError(f"{where}: '{name}' must be a string or a non-empty list of "
+                        f"{{role, content}} messages, got {json.dumps(value)[:80]}")
+
+
+def from_prompt_completion(obj: dict[str, Any], where: str = "trl") -> Record:
+    """TRL prompt-completion → the whole conversation (prompt turns, then the completion's
+    assistant turns), so SFT trains on the completion exactly as TRL does."""
+    prompt = _turns(obj["prompt"], where, "prompt", "user")
+    completion = _turns(obj["completion"], where, "completion", "assistant")
+    if prompt[-1]["role"] == "assistant":
+        raise ExnihiloError(f"{where}: 'prompt' ends with an assistant turn; the answer "
+                            f"belongs in 'completion'")
+    if any(m["role"] != "assistant" for m in completion):
+        raise ExnihiloError(f"{where}: 'completion' must hold only assistant turns")
+    extra = {k: v for k, v in obj.items() if k not in ("prompt", "completion", "id", "meta")}
+    meta = {**(obj.get("meta") if isinstance(obj.get("meta"), dict) else {}),
+            "source": "trl-prompt-completion"}
+    if extra:
+        meta["fields"] = extra
+    record = make_record(prompt + completion, meta)
+    if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+        record["id"] = str(obj["id"])
+    return record
+
+
+def from_prompt_only(obj: dict[str, Any], where: str = "prompt") -> Record:
+    """A prompt with no answer (IFEval's {"key", "prompt", ...}, TRL's prompt-only) → a
+    record of the prompt turns; the other fields are kept under meta.fields for scorers."""
     fields = {k: v for k, v in obj.items() if k != "prompt"}
-    return make_record([{"role": "user", "content": obj["prompt"]}],
+    return make_record(_turns(obj["prompt"], where, "prompt", "user"),
                        {"source": "prompt", "fields": fields})
 
 
 def from_alpaca(obj: dict[str, Any], where: str = "alpaca") -> Record:
-    """Alpaca {instruction, input, output} → user (instruction + input) / assistant."""
+    """Alpaca {instruction, input, output[, system]} → [system] / user (instruction + input)
+    / assistant."""
     instruction, inp, output = obj.get("instruction"), obj.get("input", ""), obj.get("output")
     if not isinstance(instruction, str) or not isinstance(output, str):
         raise ExnihiloError(f"{where}: Alpaca record needs string 'instruction' and 'output'")
     user = instruction if not inp else f"{instruction}\n\n{inp}"
     meta = {"source": "alpaca", "alpaca": {"instruction": instruction, "input": inp or ""}}
-    return make_record([{"role": "user", "content": user},
-                        {"role": "assistant", "content": output}], meta)
+    # LLaMA-Factory's and axolotl's optional "system" column becomes the system turn.
+    system = obj.get("system")
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    return make_record(head + [{"role": "user", "content": user},
+                               {"role": "assistant", "content": output}], meta)
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

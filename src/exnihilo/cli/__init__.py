@@ -7,6 +7,8 @@ registered here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from exnihilo.cli import common, synth
@@ -30,17 +32,42 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def root(threads: int = typer.Option(
+def root(ctx: typer.Context,
+         threads: int = typer.Option(
         None, "--threads", envvar="EXNIHILO_THREADS", show_envvar=True,
         help="CPU threads for torch (every command). On a loaded machine 1 can be several "
              "times faster than the default of one per core."),
          version: bool = typer.Option(False, "--version", is_eager=True,
                                       callback=_print_version,
-                                      help="Print the version and exit.")) -> None:
+                                      help="Print the version and exit."),
+         config: Path = typer.Option(None, "--config", envvar="EXNIHILO_CONFIG",
+                                     help="YAML file of options by command (train: {sft: "
+                                          "{epochs: 2}}); flags given override it."),
+         print_config: bool = typer.Option(False, "--print-config",
+                                           help="Print the command's merged options (file + "
+                                                "flags + defaults) as a --config file and "
+                                                "exit without running it."),
+         allow_download: bool = typer.Option(False, "--allow-download",
+                                             help="Let --model org/name download from the "
+                                                  "Hugging Face hub when it is not in the "
+                                                  "local cache (safetensors only)."),
+         quiet: bool = typer.Option(False, "--quiet", "-q",
+                                    help="Print only errors (tables, notes and progress "
+                                         "bars off); files are written as usual.")) -> None:
     """Make small language models better starting from nothing."""
+    import os
+
+    from exnihilo.cli.config import apply
+    from exnihilo.models import allow_downloads
     from exnihilo.threads import apply_threads
 
+    if quiet:
+        common.console.quiet = True
+        os.environ["EXNIHILO_QUIET"] = os.environ["EXNIHILO_NO_PROGRESS"] = "1"
     apply_threads(threads)
+    apply(ctx, config, print_config)
+    if allow_download:
+        allow_downloads()
 
 
 app.add_typer(synth.app, name="synth")
@@ -93,4 +120,7 @@ _register_commands()
 
 
 def main() -> None:
+    from exnihilo.models import offline_by_default
+
+    offline_by_default()  # the CLI never reaches a hub unless asked; a library import never
     common.run_app(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -35,6 +36,20 @@ def _counter_table(title: str, counts: dict[str, Counter], total: int) -> Table:
                 label = f"{value}-{100 if value == 80 else value + 19}"
             table.add_row(key, label, f"{n:,}", f"{100 * n / max(total, 1):.1f}%")
     return table
+
+
+def _results(out: Path, command: str, metrics: Any, data: Path, prompt: str | None = None,
+             judge: str | None = None, engine: str | None = None) -> None:
+    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+    from exnihilo.results import model_template_hash, prompt_hash, write_results
+
+    templates = {}
+    if prompt is not None:
+        templates = {f"{prompt}_prompt": prompt_hash(prompt),
+                     f"chat_template:{judge}": (model_template_hash(judge)
+                                                if engine == "transformers" else None)}
+    path = write_results(out, command, metrics, inputs=[data], templates=templates)
+    console.print(f"results → {path}", highlight=False)
 
 
 @app.command("tag")
@@ -85,6 +100,7 @@ def tag_command(
     console.print(f"tagged {summary.tagged:,} now, {summary.already_tagged:,} already tagged, "
                   f"{summary.duplicate_ids:,} duplicate ids skipped; unreadable answers this "
                   f"run: {unparsed}; {summary.output_records:,} records in {out}")
+    _results(out, "curate tag", summary, data, "tag", judge, engine)
 
 
 @app.command("dedup")
@@ -125,6 +141,7 @@ def dedup_command(
               else f"{summary.min_distance_median:.3f}")
     console.print(f"neighbour search: {summary.method}, {summary.passes} pass(es); median "
                   f"min_neighbor_distance in output: {median}")
+    _results(out, "curate dedup", summary, data)
 
 
 @app.command("filter")
@@ -159,6 +176,7 @@ def filter_command(
     console.print(table)
     console.print(f"kept {report.output_records:,} of {report.input_records:,} records → {out} "
                   f"('removed' applies the rules in order; 'fails alone' counts each on its own)")
+    _results(out, "curate filter", report, data)
 
 
 @app.command("rules")

@@ -91,6 +91,20 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
     return table
 
 
+def _results(out: Path, command: str, metrics: Any, inputs: list[Path], prompt: str | None,
+             models: list[str], engine: str) -> None:
+    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+    from exnihilo.results import model_template_hash, prompt_hash, write_results
+
+    templates: dict[str, str | None] = {f"{prompt}_prompt": prompt_hash(prompt)} if prompt \
+        else {}
+    for m in models:
+        templates[f"chat_template:{m}"] = (model_template_hash(m) if engine == "transformers"
+                                           else None)
+    path = write_results(out, command, metrics, inputs=inputs, templates=templates)
+    console.print(f"results → {path}", highlight=False)
+
+
 def _print_unparseable(examples: list[str]) -> None:
     for raw in examples:
         console.print(Text.assemble(("  unparseable answer:", "dim"), f" {raw[:200]!r}"),
@@ -141,6 +155,7 @@ def judge_command(
         write_jsonl_atomic(out, pooled)
         _print_panel(panel, judge)
         console.print(f"pooled scores → {out}", highlight=False)
+        _results(out, "eval judge", panel, [file], "judge", judge, engine)
         return
     judge = judge[0]
     _warn_if_weak(judge)
@@ -152,6 +167,7 @@ def judge_command(
     histogram = "  ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
     console.print(f"histogram  {histogram}", highlight=False)
     _print_unparseable(summary["unparseable_examples"])
+    _results(out, "eval judge", summary, [file], "judge", [judge], engine)
     _warn_if_weak(judge)
 
 
@@ -207,6 +223,7 @@ def pairwise_command(
         write_jsonl_atomic(out, pooled)
         _print_panel(panel, judge)
         console.print(f"pooled verdicts → {out}", highlight=False)
+        _results(out, "eval pairwise", panel, [a, b], "pairwise", judge, engine)
         return
     _warn_if_weak(judge[0])
     _, summary = pairwise_compare(factories[0][1](), records_a, records_b, params, out=out,
@@ -215,6 +232,7 @@ def pairwise_command(
     summary["b"] = f"{b.name} ({summary['b']})"
     console.print(_summary_table(f"pairwise A vs B → {out}", summary))
     _print_unparseable(summary["unparseable_examples"])
+    _results(out, "eval pairwise", summary, [a, b], "pairwise", judge, engine)
     _warn_if_weak(judge[0])
 
 
@@ -253,6 +271,8 @@ def perplexity_command(
         write_jsonl_atomic(out, rows)
         summary["out"] = str(out)
     console.print(_summary_table("perplexity of the reference answers", summary))
+    if out is not None:
+        _results(out, "eval perplexity", summary, [data], None, [model], "transformers")
 
 
 @app.command("choice")
@@ -298,3 +318,5 @@ def choice_command(
     low, high = summary.pop("interval_95")
     summary["interval_95"] = f"[{low}, {high}]"
     console.print(_summary_table(f"multiple choice: {file.name}", summary))
+    if out is not None:
+        _results(out, "eval choice", summary, [file], None, [model], "transformers")

@@ -1,4 +1,5 @@
-"""`exnihilo export gguf MODEL -o model.gguf [--type f16|q8_0|…] [--ollama]`."""
+"""`exnihilo export gguf MODEL -o model.gguf [--type f16|q8_0|…] [--ollama]` and
+`exnihilo export data IN -o OUT --format alpaca|sharegpt|trl|parquet`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import typer
 
 from exnihilo.cli.common import console
 
-app = typer.Typer(help="Export a model for other runtimes (llama.cpp, Ollama, LM Studio).",
+app = typer.Typer(help="Export a model for other runtimes (llama.cpp, Ollama, LM Studio) or "
+                       "data for other trainers (TRL, axolotl, LLaMA-Factory, the hub).",
                   no_args_is_help=True)
 
 
 @app.callback()
 def _export() -> None:
-    """Export a model for other runtimes (llama.cpp, Ollama, LM Studio)."""
+    """Export a model for other runtimes (llama.cpp, Ollama, LM Studio) or data for other
+    trainers (TRL, axolotl, LLaMA-Factory, the hub)."""
 
 
 def export_gguf_command(
@@ -48,3 +51,24 @@ def export_gguf_command(
 
 
 app.command("gguf")(export_gguf_command)
+
+
+def export_data_command(
+    data: str = typer.Argument(..., help="Records in any format exnihilo reads (JSONL, JSON, "
+                                         "parquet, hf:org/name[:split])."),
+    out: Path = typer.Option(..., "-o", "--out",
+                             help="Output file (.json: one JSON array; else JSON lines), or a "
+                                  "folder for --format parquet."),
+    fmt: str = typer.Option(..., "--format", "-f",
+                            help="alpaca, sharegpt, trl (TRL's conversational formats) or "
+                                 "parquet (a hub-style folder with a dataset card)."),
+) -> None:
+    """Write records in the format another trainer reads without options."""
+    from exnihilo.export.data import export_data
+
+    result = export_data(data, out, fmt)
+    console.print(f"wrote {result.path}: {result.rows} rows, {result.format} "
+                  f"({result.layout})", highlight=False, soft_wrap=True)
+
+
+app.command("data")(export_data_command)

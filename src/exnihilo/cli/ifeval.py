@@ -120,6 +120,7 @@ def ifeval_command(
                                                  f"({diff['n_prompts']} prompts)", signed=True))
     if out is not None:
         console.print(f"results → {str(out)}", highlight=False)
+        _write_results(out, summary, input_path, responses, model, engine)
     if model is not None and responses_out is not None:
         console.print(f"answers → {str(responses_out)}", highlight=False)
 
@@ -136,6 +137,18 @@ def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
                        concurrency=concurrency, label="ifeval")
     return answer_prompts(gen, inputs, max_new_tokens, resolve_style(None, model),
                           responses_out)
+
+
+def _write_results(out: Path, summary: dict[str, Any], input_path: Path,
+                   responses: Path | None, model: str | None, engine: str) -> None:
+    """`<OUT>.results.json`: config, versions, the model's chat template hash, the summary."""
+    from exnihilo.results import model_template_hash, write_results
+
+    templates = {f"chat_template:{model}": model_template_hash(model)
+                 if engine == "transformers" else None} if model else {}
+    path = write_results(out, "eval ifeval", summary, inputs=[input_path, responses],
+                         templates=templates)
+    console.print(f"results → {path}", highlight=False)
 
 
 def _pct(x: float, signed: bool = False) -> str:
