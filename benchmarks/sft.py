@@ -197,14 +197,18 @@ def padding_figures(records, tokenizer) -> dict:
     return out
 
 
-def rss_probe(checkpointing: bool, steps: int = 1) -> None:
-    """Child process: LoRA on rows of exactly 8 × 512 trained tokens; print peak RSS."""
+def rss_probe(checkpointing: bool, steps: int = 1, dropout: float | None = None) -> None:
+    """Child process: LoRA on rows of exactly 8 × 512 trained tokens; print peak RSS
+    (`dropout`: LoRA dropout instead of the default)."""
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     torch.manual_seed(0)
     model = load_model(DEFAULT_MODEL)
     if checkpointing:
         enable_gradient_checkpointing(model)
-    model = add_lora(model, hyper(False, False, steps))
+    cfg = hyper(False, False, steps)
+    if dropout is not None:
+        cfg = cfg.model_copy(update={"lora_dropout": dropout})
+    model = add_lora(model, cfg)
     objective = SFTObjective()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     g = torch.Generator().manual_seed(0)
@@ -220,12 +224,14 @@ def rss_probe(checkpointing: bool, steps: int = 1) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_gib": peak_kib / 2**20}))
+    print(json.dumps({"peak_rss_gib": peak_kib / 2**20, "lora_dropout": cfg.lora_dropout}))
 
 
-def peak_rss_lora(checkpointing: bool) -> dict:
+def peak_rss_lora(checkpointing: bool, dropout: float | None = None) -> dict:
     command = [sys.executable, __file__, "--rss-probe", "--threads",
                str(torch.get_num_threads())]
+    if dropout is not None:
+        command += ["--rss-dropout", str(dropout)]
     proc = subprocess.run(command + (["--rss-checkpointing"] if checkpointing else []),
                           capture_output=True, text=True,
                           env={**os.environ, "EXNIHILO_NO_PROGRESS": "1"})
@@ -235,12 +241,21 @@ def peak_rss_lora(checkpointing: bool) -> dict:
         "shape": "8 x 512", "dtype": "float32", "gradient_checkpointing": checkpointing}
 
 
+def rss_variants() -> list[dict]:
+    """Peak RSS of one LoRA step, each lever alone and together, a subprocess each."""
+    return [peak_rss_lora(False), peak_rss_lora(False, dropout=0.0), peak_rss_lora(True),
+            peak_rss_lora(True, dropout=0.0)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
     parser.add_argument("--records", type=int, default=128)
     parser.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-dropout", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-only", action="store_true",
+                        help="only the peak-RSS probes (default, dropout 0, checkpointing)")
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probe")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -249,7 +264,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_probe:
-        rss_probe(args.rss_checkpointing)
+        rss_probe(args.rss_checkpointing, dropout=args.rss_dropout)
+        return
+    if args.rss_only:
+        print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+                          "peak_rss_lora_8x512": rss_variants(),
+                          "load_avg_end": os.getloadavg()}, indent=2))
         return
     os.environ.setdefault("EXNIHILO_NO_PROGRESS", "1")
     resolve_model(DEFAULT_MODEL)
@@ -280,7 +300,7 @@ def main() -> None:
             report[f"{kind}_ours_packed_vs_trl_default"] = (
                 packed["ours"]["trained_tokens_per_s"] / padded["trl"]["trained_tokens_per_s"])
     if not args.no_rss:
-        report["peak_rss_lora_8x512"] = [peak_rss_lora(False), peak_rss_lora(True)]
+        report["peak_rss_lora_8x512"] = rss_variants()
     report["load_avg_end"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - started
     print(json.dumps(report, indent=2))

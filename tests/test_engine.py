@@ -220,3 +220,61 @@ def test_growing_cache_merge_pads_left_and_keeps_rows():
     assert merged.layers[0].keys.shape[0] == 3 and merged.get_seq_length() == 4
     assert torch.equal(merged.layers[0].keys[0], keys_a[0])
     assert torch.count_nonzero(merged.layers[0].keys[1:, :, :2]) == 0
+
+
+def staggered_stops(model, tok, prompts, params):
+    """Stop ids that end row i near step i + 1: each row's own token there, from a run
+    without stops (a row may stop earlier where one of these ids occurs sooner)."""
+    engine = make_engine(model, tok, batch_size=len(prompts))
+    engine._stop_ids = {-1}
+    ids, completion = [], engine._completion
+    engine._completion = lambda tokens, *rest: ids.append(list(tokens)) or completion(tokens,
+                                                                                     *rest)
+    engine.complete(prompts, params)
+    return {row[i + 1] for i, row in enumerate(ids) if row[i + 1] not in row[:i + 1]}
+
+
+def test_finished_rows_left_in_the_batch_do_not_change_any_text(tiny_llama, smol_tokenizer):
+    """Dropping finished rows in groups (`drop_slack`: they stay, ignored, until more than
+    that share of the batch has finished) gives every row the text of immediate dropping,
+    with refill on, sampled, and with stop strings (greedy is covered by the sampled case:
+    the same loop; this random model's greedy text repeats one token)."""
+    prompts = [f"Prompt number {i} " + "word " * (i % 4) for i in range(7)]
+    for params in (SamplingParams(temperature=1.0, max_new_tokens=8, seed=4),
+                   SamplingParams(temperature=1.0, max_new_tokens=8, seed=4, stop=["ing"])):
+        stops = staggered_stops(tiny_llama, smol_tokenizer, prompts,
+                                params.model_copy(update={"stop": []}))
+        texts = {}
+        for slack in (0.0, 0.5, 0.99):
+            engine = make_engine(tiny_llama, smol_tokenizer, batch_size=4)
+            engine.drop_slack, engine._stop_ids = slack, stops
+            outs = engine.complete(prompts, params)
+            texts[slack] = [(c.text, c.finish_reason, c.completion_tokens) for c in outs]
+        assert texts[0.5] == texts[0.0] and texts[0.99] == texts[0.0]
+        assert len({t[2] for t in texts[0.0]}) > 2  # rows finished at different steps
+
+
+def test_grouped_dropping_defers_cache_copies(tiny_llama, smol_tokenizer, monkeypatch):
+    """With slack, fewer row removals (each a full KV-cache copy) happen."""
+    from exnihilo.engines import kvcache
+
+    calls = {"n": 0}
+    original = kvcache.GrowingLayer.batch_select_indices
+
+    def counting(self, indices):
+        calls["n"] += 1
+        return original(self, indices)
+
+    monkeypatch.setattr(kvcache.GrowingLayer, "batch_select_indices", counting)
+    prompts = [f"Prompt number {i} " + "word " * (i % 4) for i in range(7)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=9, seed=3)
+    stops = staggered_stops(tiny_llama, smol_tokenizer, prompts, params)
+    counts = {}
+    for slack in (0.0, 0.5, 0.99):
+        engine = make_engine(tiny_llama, smol_tokenizer, batch_size=8)
+        engine.drop_slack, engine._stop_ids = slack, stops
+        calls["n"] = 0
+        engine.complete(prompts, params)
+        counts[slack] = calls["n"]
+    # 0.99: rows never leave before the batch is done; 0.5: fewer removals than at once
+    assert counts[0.99] == 0 < counts[0.5] < counts[0.0]

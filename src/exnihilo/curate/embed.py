@@ -46,7 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from exnihilo.embedder import embed_texts, embedder_path, load_embedder  # noqa: F401
+from exnihilo.embedder import (  # noqa: F401
+    embed_cached,
+    embed_texts,
+    embedder_path,
+    load_embedder,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.fields import instruction_of, response_of, set_tags, tags_of
 from exnihilo.records import Record, read_any, write_jsonl_atomic
@@ -245,17 +250,21 @@ class DedupSummary:
     method: str = ""
     threshold: float = 0.0
     min_distance_median: float | None = None
+    embedded: int | None = None  # instructions embedded now (None: no cache in use)
 
 
 def dedup_records(records: list[Record], threshold: float = 0.05, *, k: int = DEFAULT_K,
                   method: str = "auto", vectors: np.ndarray | None = None,
                   embedder: Any = None, batch_size: int = 64,
                   note: Callable[[str], None] | None = None,
+                  cache: str | Path | None = None,
                   ) -> tuple[list[Record], DedupSummary]:
     """Exact dedup, then near-dedup at cosine distance <= `threshold` (0 disables it), and
     `min_neighbor_distance` / `duplicates_removed` tags on every kept record.
 
     `vectors` may carry precomputed embeddings of the records' instructions (row i = record i).
+    `cache`: an embedding cache file (`embedder.embed_cached`): only records whose id and
+    instruction it does not hold are embedded, and it is rewritten for this input.
     """
     if threshold < 0 or threshold >= 2:
         raise ExnihiloError(f"--threshold {threshold}: must be in [0, 2) (cosine distance)")
@@ -270,10 +279,18 @@ def dedup_records(records: list[Record], threshold: float = 0.05, *, k: int = DE
     survivors.sort()
     summary.exact_duplicates = len(records) - len(survivors)
     if vectors is None:
-        if note:
-            note(f"embedding {len(survivors):,} instructions with all-MiniLM-L6-v2")
-        vectors = embed_texts([instruction_of(records[i]) or "" for i in survivors],
-                              embedder, batch_size)
+        texts = [instruction_of(records[i]) or "" for i in survivors]
+        if cache is None:
+            if note:
+                note(f"embedding {len(survivors):,} instructions with all-MiniLM-L6-v2")
+            vectors = embed_texts(texts, embedder, batch_size)
+        else:
+            vectors, fresh = embed_cached([str(records[i].get("id", "")) for i in survivors],
+                                          texts, cache, embedder, batch_size)
+            summary.embedded = fresh
+            if note:
+                note(f"embedded {fresh:,} new instructions; {len(survivors) - fresh:,} "
+                     f"from the cache {cache}")
     else:
         vectors = np.ascontiguousarray(vectors[survivors], dtype=np.float32)
     n = len(survivors)
@@ -318,17 +335,34 @@ def dedup_records(records: list[Record], threshold: float = 0.05, *, k: int = DE
     return out, summary
 
 
+def embedding_cache_path(output_path: str | Path) -> Path | None:
+    """Where dedup keeps its embedding cache: beside the output, `<output>.embeddings.
+    safetensors`, so re-running dedup to the same output after adding records embeds only
+    the new ones. Beside the output rather than in the user cache: it is visible, goes away
+    with the output, and never grows without bound. None for special outputs (/dev/null)."""
+    from exnihilo.outputs import is_special
+
+    output_path = Path(output_path)
+    if is_special(output_path):
+        return None
+    return output_path.with_name(output_path.name + ".embeddings.safetensors")
+
+
 def dedup_file(input_path: str | Path, output_path: str | Path, threshold: float = 0.05, *,
                k: int = DEFAULT_K, method: str = "auto", batch_size: int = 64,
-               note: Callable[[str], None] | None = None) -> DedupSummary:
-    """Read, dedup, and write the kept records atomically (input order preserved)."""
+               note: Callable[[str], None] | None = None,
+               embedding_cache: bool = True) -> DedupSummary:
+    """Read, dedup, and write the kept records atomically (input order preserved);
+    `embedding_cache` keeps the instruction embeddings beside the output
+    (`embedding_cache_path`) for the next run."""
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise ExnihiloError(f"{output_path}: output is the input file; choose another -o")
     records = read_any(input_path)
     if not records:
         raise ExnihiloError(f"{input_path}: no records (empty file)")
+    cache = embedding_cache_path(output_path) if embedding_cache else None
     kept, summary = dedup_records(records, threshold, k=k, method=method,
-                                  batch_size=batch_size, note=note)
+                                  batch_size=batch_size, note=note, cache=cache)
     write_jsonl_atomic(output_path, kept)
     return summary

@@ -69,7 +69,8 @@ class TransformersEngine:
 
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32",
                  batch_size: int = 32, model_obj: Any = None, tokenizer: Any = None,
-                 progress_label: str = "generating", refill: bool = True):
+                 progress_label: str = "generating", refill: bool = True,
+                 drop_slack: float = 0.0):
         from exnihilo.models import load_model, load_tokenizer
 
         self.name = f"transformers:{model}"
@@ -86,6 +87,9 @@ class TransformersEngine:
 
         # Continuous batching needs mergeable caches: plain full-attention layers only.
         self.refill = refill and supports_growing(self.model)
+        # Finished rows may wait in the batch until more than this share of it has finished
+        # (0: removed at once). Measured in benchmarks/generation.py: see the docstring there.
+        self.drop_slack = drop_slack
 
     # ------------------------------------------------------------------ protocol
     def complete(self, prompts: list[str], params: SamplingParams,
@@ -229,7 +233,11 @@ class TransformersEngine:
                          seeds: list[int], bar: Any) -> list[Completion]:
         """Continuous batching over all `prompts` (in the given order): up to `batch_size`
         rows decode together; whenever at most half remain and prompts are waiting, the
-        next group is prefilled and merged into the running batch."""
+        next group is prefilled and merged into the running batch.
+
+        Finished rows leave the batch in groups: removing rows copies the whole KV cache, so
+        a finished row stays (its tokens ignored) until more than `drop_slack` of the batch
+        has finished, the batch admits new prompts, or no live row is left."""
         from exnihilo.engines.kvcache import growing_cache, merge_rows
 
         device = next(self.model.parameters()).device
@@ -240,56 +248,74 @@ class TransformersEngine:
         generated: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        spare = torch.Generator()  # noise for finished rows still in the batch (discarded)
         waiting = 0  # next prompt to admit
-        active: list[int] = []  # prompt index of each live batch row
+        rows: list[int | None] = []  # prompt index of each batch row; None: finished
         cache: Any = None
-        mask = last_pos = logits = None
+        mask = last_pos = logits = next_tokens = None
+
+        def compact() -> None:
+            nonlocal mask, last_pos, logits, next_tokens, rows
+            keep = [b for b, r in enumerate(rows) if r is not None]
+            if len(keep) == len(rows):
+                return
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            mask, last_pos = mask[index], last_pos[index]
+            logits = logits[index] if logits is not None else None
+            next_tokens = next_tokens[index] if next_tokens is not None else None
+            rows = [rows[b] for b in keep]
+
         while True:
-            if waiting < n and len(active) <= self.batch_size // 2:
-                group = list(range(waiting, min(n, waiting + self.batch_size - len(active))))
+            live = sum(r is not None for r in rows)
+            if waiting < n and live <= self.batch_size // 2:
+                if live:
+                    compact()
+                else:
+                    rows, cache = [], None
+                group = list(range(waiting, min(n, waiting + self.batch_size - live)))
                 waiting = group[-1] + 1
                 new_cache = growing_cache(self.model)
                 new_logits, new_mask, new_pos = self._prefill([prompts[i] for i in group],
                                                               new_cache)
-                if active:
+                if rows:
                     cache, mask = merge_rows(cache, new_cache, mask, new_mask)
                     logits = torch.cat([logits, new_logits])
                     last_pos = torch.cat([last_pos, new_pos])
                 else:
                     cache, mask, logits, last_pos = new_cache, new_mask, new_logits, new_pos
-                active += group
-            if not active:
+                rows += group
+                live = len(rows)
+            if not live:
                 break
-            next_tokens = sample_next(logits, params, [generators[r] for r in active])
+            next_tokens = sample_next(logits, params, [spare if r is None else generators[r]
+                                                       for r in rows])
             is_stop = torch.isin(next_tokens, stop_ids).tolist()
-            keep: list[int] = []
-            produced = 0
-            for b, r in enumerate(active):
+            done = produced = 0
+            for b, r in enumerate(rows):
+                if r is None:
+                    continue
                 token = int(next_tokens[b])
                 if is_stop[b]:
                     finish[r] = "stop"
-                    continue
-                generated[r].append(token)
-                produced += 1
-                if stop_strings:
-                    tail = self.tokenizer.decode(generated[r][-tail_tokens:],
-                                                 skip_special_tokens=False)
-                    if any(s in tail for s in stop_strings):
-                        finish[r] = "stop"
-                        continue
-                if len(generated[r]) == params.max_new_tokens:
-                    finish[r] = "length"
-                    continue
-                keep.append(b)
-            bar.advance(items=len(active) - len(keep), tokens=produced)
-            if len(keep) < len(active):
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(index)
-                mask, last_pos, next_tokens = mask[index], last_pos[index], next_tokens[index]
-                active = [active[b] for b in keep]
-            if not active:
+                elif self._append(generated[r], token, stop_strings, tail_tokens):
+                    produced += 1
+                    finish[r] = "stop"
+                else:
+                    produced += 1
+                    if len(generated[r]) == params.max_new_tokens:
+                        finish[r] = "length"
+                if finish[r] is not None:
+                    rows[b] = None
+                    done += 1
+            bar.advance(items=done, tokens=produced)
+            live = sum(r is not None for r in rows)
+            if not live:
+                rows, cache = [], None
                 continue  # admit the next group, or finish
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            if len(rows) - live > self.drop_slack * len(rows):
+                compact()
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
             last_pos = last_pos + 1
             out = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
                              position_ids=last_pos[:, None], use_cache=True,
@@ -297,6 +323,15 @@ class TransformersEngine:
             logits = out.logits[:, -1, :].float()
         return [self._completion(generated[r], prompts[r], finish[r], stop_strings)
                 for r in range(n)]
+
+    def _append(self, tokens: list[int], token: int, stop_strings: list[str],
+                tail_tokens: int) -> bool:
+        """Append `token` to a row; True when the row's text now contains a stop string."""
+        tokens.append(token)
+        if not stop_strings:
+            return False
+        tail = self.tokenizer.decode(tokens[-tail_tokens:], skip_special_tokens=False)
+        return any(s in tail for s in stop_strings)
 
     def _completion(self, tokens: list[int], prompt: list[int], finish: str | None,
                     stop_strings: list[str]) -> Completion:

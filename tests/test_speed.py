@@ -1,0 +1,95 @@
+"""Speed levers that change behaviour: the dedup embedding cache embeds only new or edited
+records and gives the vectors embedding afresh would; MiniLM truncates at its own limit."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from exnihilo.embedder import cache_key, embed_cached, read_cache, write_cache
+
+
+class CountingEmbedder:
+    """A deterministic stand-in for MiniLM: a unit vector seeded by the text's hash; records
+    every text it embeds."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def encode(self, texts, **kwargs):
+        self.seen.extend(texts)
+        rows = []
+        for t in texts:
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
+            v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.stack(rows)
+
+
+def test_cache_embeds_only_new_or_edited_records_and_gives_identical_vectors(tmp_path):
+    path = tmp_path / "out.jsonl.embeddings.safetensors"
+    model = CountingEmbedder()
+    ids, texts = ["a", "b", "c"], ["first text", "second text", "third text"]
+    first, fresh = embed_cached(ids, texts, path, model)
+    assert fresh == 3 and model.seen == texts and path.exists()
+    model.seen.clear()
+    again, fresh = embed_cached(ids, texts, path, model)
+    assert fresh == 0 and model.seen == [] and np.array_equal(again, first)
+    # two records added, one edited (same id, new text), order changed
+    ids2 = ["d", "c", "a", "b", "e"]
+    texts2 = ["fourth", "third text", "first text", "second text, edited", "fifth"]
+    got, fresh = embed_cached(ids2, texts2, path, model)
+    assert fresh == 3 and model.seen == ["fourth", "second text, edited", "fifth"]
+    want = CountingEmbedder().encode(texts2)
+    assert np.array_equal(got, want)  # cached rows bit-identical to embedding afresh
+    assert set(read_cache(path)) == {cache_key(i, t) for i, t in zip(ids2, texts2, strict=True)}
+
+
+def test_cache_from_another_embedder_is_ignored(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "c.safetensors"
+    write_cache(path, [cache_key("a", "x")], np.ones((1, 384), np.float32))
+    assert len(read_cache(path)) == 1
+    save_file({"keys": np.zeros((1, 16), np.uint8), "vectors": np.ones((1, 384), np.float32)},
+              str(path), metadata={"format": "exnihilo-embeddings-1", "embedder": "other"})
+    assert read_cache(path) == {}
+
+
+def test_dedup_file_reuses_the_cache_beside_the_output(tmp_path, monkeypatch):
+    from exnihilo.curate import embed
+    from exnihilo.curate.embed import dedup_file, embedding_cache_path
+
+    model = CountingEmbedder()
+    monkeypatch.setattr("exnihilo.embedder.load_embedder", lambda device="cpu": model)
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"question {i}"},
+                                         {"role": "assistant", "content": "answer"}]}
+            for i in range(5)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    first = dedup_file(src, out, 0.05)
+    assert first.embedded == 3 and embedding_cache_path(out).exists()
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model.seen.clear()
+    second = dedup_file(src, out, 0.05)
+    assert second.embedded == 2 and model.seen == ["question 3", "question 4"]
+    assert second.output_records == 5
+    assert embed.embedding_cache_path("/dev/null") is None
+    none = dedup_file(src, tmp_path / "o2.jsonl", 0.05, embedding_cache=False)
+    assert none.embedded is None and not embedding_cache_path(tmp_path / "o2.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_real_minilm_truncates_at_its_own_limit_and_cache_matches():
+    """sentence-transformers truncates at the model's max_seq_length (256): a text far
+    longer embeds exactly like its first 256 word pieces."""
+    from exnihilo.embedder import embed_texts, load_embedder
+
+    model = load_embedder()
+    assert model.max_seq_length == 256
+    long = " ".join(f"word{i}" for i in range(2000))
+    ids = model.tokenizer(long, add_special_tokens=False)["input_ids"][:254]
+    head = model.tokenizer.decode(ids)
+    a, b = embed_texts([long, head], model)
+    assert float(a @ b) > 0.999
