@@ -203,6 +203,10 @@ def save_final_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]
 
     from exnihilo.styles import style_chat_template
 
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" would break our own output
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
         if lora:
@@ -226,6 +230,8 @@ def save_final_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            hf_logging.enable_progress_bar()
     write_json_atomic(out / RUN_INFO, info)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
