@@ -201,9 +201,9 @@ def save_final_model(model: Any, tokenizer: Any, out: Path, info: dict[str, Any]
     """
     import copy
 
-    from exnihilo.styles import style_chat_template
-
     from transformers.utils import logging as hf_logging
+
+    from exnihilo.styles import style_chat_template
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" would break our own output
