@@ -41,3 +41,17 @@ def test_unreadable_judge_scores_are_left_out_of_the_pairing():
     base = items([[True]], {"q": 1.0}, {"q": None, "r": 40.0})
     tuned = items([[True]], {"q": 1.0}, {"q": 90.0, "r": 50.0})
     assert paired_differences(base, tuned)["judge score"]["value"] == pytest.approx(10.0)
+
+
+def test_perplexity_interval_brackets_the_token_weighted_value():
+    import math
+
+    from exnihilo.demo import perplexity_interval
+
+    rows = [{"nll": 2.0 * t, "tokens": t} for t in (5, 50, 10, 7, 30)]
+    low, high = perplexity_interval(rows)
+    assert low == pytest.approx(math.exp(2.0)) and high == pytest.approx(math.exp(2.0))
+    rows = [{"nll": float(i % 3) * 10, "tokens": 10} for i in range(30)]
+    value = math.exp(sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows))
+    low, high = perplexity_interval(rows)
+    assert low < value < high

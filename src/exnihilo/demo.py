@@ -14,7 +14,6 @@ second `make demo` finishes in seconds.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +110,6 @@ def evaluate_model(label: str, engine: Any, judge: Any, records: list[dict], wor
         judge_summary,
         perplexity,
     )
-    from exnihilo.evaluate.stats import bootstrap_interval
     from exnihilo.ifeval import evaluate_responses, summarize, write_results
     from exnihilo.ifeval.run import answer_prompts
 
@@ -127,18 +125,32 @@ def evaluate_model(label: str, engine: Any, judge: Any, records: list[dict], wor
     instr = summarize(ifeval_results)["loose"]["instruction_level"]
     gen, js = generation_summary(generated), judge_summary(judged)
     nll = [r["nll"] / r["tokens"] for r in ppl_rows]
-    low, high = bootstrap_interval(nll)
+    low, high = perplexity_interval(ppl_rows)
     scores = {r["meta"]["prompt_id"]: (r["meta"]["judge"] or {}).get("score") for r in judged}
     return {"model": label, "judge_mean": js["mean"], "judge_stderr": js["stderr"],
             "judged": f"{js['scored']}/{js['n']}", "unparseable": js["unparseable"],
             "perplexity": ppl["perplexity"],
-            "perplexity_ci": [round(math.exp(low), 3), round(math.exp(high), 3)],
+            "perplexity_ci": [round(low, 3), round(high, 3)],
             "ifeval_instruction_loose": instr["value"], "ifeval_ci": instr["ci95"],
             "mean_tokens": gen["mean_completion_tokens"],
             "hit_max_tokens": gen["hit_max_new_tokens"], "generations": str(gen_path),
             "judged_file": str(judged_path),
             "_items": {"ifeval": ifeval_results, "nll": dict(zip(
                 [r["id"] for r in ppl_rows], nll, strict=True)), "judge": scores}}
+
+
+def perplexity_interval(rows: list[dict[str, Any]], resamples: int = 2000, seed: int = 0
+                        ) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of the token-weighted perplexity (the statistic
+    reported), resampling records: exp(Σ nll / Σ tokens) of each resample."""
+    import numpy as np
+
+    nll = np.array([r["nll"] for r in rows], dtype=float)
+    tokens = np.array([r["tokens"] for r in rows], dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(rows), size=(resamples, len(rows)))
+    ppl = np.exp(nll[idx].sum(axis=1) / tokens[idx].sum(axis=1))
+    low, high = np.quantile(ppl, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def paired_differences(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, dict[str, Any]]:
