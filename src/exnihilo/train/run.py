@@ -162,7 +162,8 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
     heap, which fragments and never shrinks: a LoRA step at 8 × 512 (gradient checkpointing)
     peaked at 5.7 GiB RSS of which ~2.7 GiB was freed-but-kept heap. Fixing the threshold at
     1 MiB (mallopt M_MMAP_THRESHOLD) makes every large tensor its own mapping, unmapped on
-    free: the same step peaked at 2.95 GiB, at no measurable speed cost."""
+    free: the same step peaked at 2.95 GiB. Each large allocation then maps fresh (zeroed)
+    pages; that speed cost was not yet measured separately."""
     import ctypes
     import ctypes.util
 
