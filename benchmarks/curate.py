@@ -23,6 +23,16 @@ the neighbour search at 100k is the synthetic HNSW run above) and labelled so. P
 with the torch thread count and the load average.
 
     python benchmarks/curate.py --sizes 10000 100000 --real 10000 --threads 1
+
+Measured 2026-11-30 (`--sizes 2000 --exact-max 2000 --real 2000 --bf16-texts 300
+--threads 1`, load 3.9 -> 5.1; Magpie-length texts: 31.9 word pieces mean, 57 max):
+  fp32 25.0 / 30.2 texts/s, bf16 7.6 / 8.9 (0.30x: no native bf16 on this CPU); bf16 drift
+  vs fp32: per vector max 0.0020 cosine, but pairwise distances up to 0.0075 (> 0.005,
+  a tenth of the 0.05 threshold) -> bf16 rejected on speed and on drift.
+  real dedup of 2,000 records 64.3 s (31 records/s incl. search); re-run after adding 1%
+  (20 records): 20 embedded, 1.1 s. 100k, extrapolated from the 2k run (not measured):
+  ~54 min of embedding on 1 loaded thread + 157-210 s HNSW (measured earlier) on a first
+  run; a re-run after adding 1% embeds 1k records (~30 s) + the search.
 """
 
 from __future__ import annotations

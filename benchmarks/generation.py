@@ -13,8 +13,17 @@ average before and after):
   * this machine's fp32 GEMM FLOP/s, and the engine's share of it (2 × params × tokens/s).
 Prints one JSON object.  Usage: python benchmarks/generation.py [--threads 1] [--quick]
 
-Measured (2-core shared VM, no AVX512-BF16/AMX, load 6-8): see the README's performance
-table; bf16 was ~2x slower than fp32 there (emulated), so fp32 stays the default.
+Measured 2026-11-30 (2-core shared VM without AVX512-BF16/AMX, 1 torch thread, load
+5.3 -> 3.9; batch 32, 2 repeats, alternating; --tokens 32 --replies 24 --reply-tokens 64
+--naive-prompts 2 --pairs 16 --naive-pairs 2):
+  decode tok/s      engine fp32 16.3, bf16 6.9, naive batch-1 1.9 -> 8.58x naive
+  replies tok/s     refill off 9.35, refill on 13.75 (1.47x), + grouped drop 14.45 (1.55x),
+                    bf16 11.65
+  bf16 vs fp32      greedy replies identical 41.7%, first divergence median 5.5 tokens
+  Magpie pairs/min  engine 2.22 (n=16, 64 candidates) vs naive 0.24 (n=2, 16 candidates):
+                    9.25x; per candidate 4.6x (the naive arm's n is small: noisy)
+  GEMM share        19.8% of 22.1 GFLOP/s
+bf16 is emulated on this CPU (2.4x slower) and diverges early, so fp32 stays the default.
 """
 
 from __future__ import annotations

@@ -93,3 +93,26 @@ def test_real_minilm_truncates_at_its_own_limit_and_cache_matches():
     head = model.tokenizer.decode(ids)
     a, b = embed_texts([long, head], model)
     assert float(a @ b) > 0.999
+
+
+def test_checkpointing_turns_on_by_itself_for_large_micro_batches():
+    from exnihilo.train.run import CHECKPOINT_FROM_POSITIONS, wants_checkpointing
+    from exnihilo.train.sft import SFTConfig
+
+    cfg = SFTConfig(data="d", out="o", batch_size=8, max_length=512)
+    assert CHECKPOINT_FROM_POSITIONS == 2048
+    assert wants_checkpointing(cfg, 512)  # 4096 positions: the default 8 x 512
+    assert wants_checkpointing(cfg, 256)  # exactly 2048
+    assert not wants_checkpointing(cfg, 255)
+    forced = cfg.model_copy(update={"gradient_checkpointing": True, "batch_size": 1})
+    assert wants_checkpointing(forced, 16)
+
+
+def test_heap_limit_applies_on_glibc():
+    import platform
+
+    from exnihilo.train.run import limit_heap_growth
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert limit_heap_growth() is True

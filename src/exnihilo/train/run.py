@@ -142,6 +142,41 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# Micro-batches of at least this many positions (batch × max length) turn gradient
+# checkpointing on by itself: at 8 × 512 on SmolLM2-135M LoRA it cut the peak RSS from
+# 11.0 to 2.95 GiB (with `limit_heap_growth`), see benchmarks/sft.py.
+CHECKPOINT_FROM_POSITIONS = 2048
+
+
+def wants_checkpointing(cfg: TrainConfig, max_length: int) -> bool:
+    """Gradient checkpointing when asked for, or when a micro-batch is large enough that
+    activations, not weights, set the peak memory."""
+    return bool(cfg.gradient_checkpointing) or cfg.batch_size * max_length \
+        >= CHECKPOINT_FROM_POSITIONS
+
+
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Return freed tensor memory to the OS (glibc only; False elsewhere).
+
+    glibc raises its mmap threshold after large frees, so later large tensors come from the
+    heap, which fragments and never shrinks: a LoRA step at 8 × 512 (gradient checkpointing)
+    peaked at 5.7 GiB RSS of which ~2.7 GiB was freed-but-kept heap. Fixing the threshold at
+    1 MiB (mallopt M_MMAP_THRESHOLD) makes every large tensor its own mapping, unmapped on
+    free: the same step peaked at 2.95 GiB. Each large allocation then maps fresh (zeroed)
+    pages; that speed cost was not yet measured separately."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = {id(p): p for p in model.parameters()}.values()

@@ -47,10 +47,12 @@ from exnihilo.train.run import (  # noqa: F401  (re-exported: the SFT recipe's p
     add_lora,
     count_parameters,
     enable_gradient_checkpointing,
+    limit_heap_growth,
     prepare_out,
     read_run_info,
     run_identity,
     save_final_model,
+    wants_checkpointing,
 )
 
 
@@ -140,7 +142,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False, on_step: Any = None,
     progress.note(data.report.summary())
     torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from here; resume restores it
     model = model_obj if model_obj is not None else load_model(cfg.model, cfg.dtype)
-    if cfg.gradient_checkpointing:
+    limit_heap_growth()
+    if wants_checkpointing(cfg, cfg.max_length):
         enable_gradient_checkpointing(model)
     if not cfg.full:
         model = add_lora(model, cfg)
