@@ -69,9 +69,10 @@ def sft_command(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer "
                                          "steps (the schedule is fitted to N)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
-    gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing", help="Recompute activations in backward: much "
-        "less memory for long batches, about a third more compute."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in backward: much less memory for long batches, about "
+        "a third more compute. Default: on from 2,048 positions per micro-batch."),
 ) -> None:
     """Supervised finetuning: LoRA by default, --full for every weight."""
     from exnihilo.train.sft import SFTConfig, run_sft

@@ -55,7 +55,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
     dtype: str = "float32"
-    gradient_checkpointing: bool = False  # recompute layer activations in backward
+    # Recompute layer activations in backward. None: automatic for SFT (on from
+    # CHECKPOINT_FROM_POSITIONS positions per micro-batch); True/False force it.
+    gradient_checkpointing: bool | None = None
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -149,10 +151,11 @@ CHECKPOINT_FROM_POSITIONS = 2048
 
 
 def wants_checkpointing(cfg: TrainConfig, max_length: int) -> bool:
-    """Gradient checkpointing when asked for, or when a micro-batch is large enough that
-    activations, not weights, set the peak memory."""
-    return bool(cfg.gradient_checkpointing) or cfg.batch_size * max_length \
-        >= CHECKPOINT_FROM_POSITIONS
+    """Gradient checkpointing when asked for (True/False win), else when a micro-batch is
+    large enough that activations, not weights, set the peak memory."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return cfg.batch_size * max_length >= CHECKPOINT_FROM_POSITIONS
 
 
 def limit_heap_growth(threshold: int = 1 << 20) -> bool:
