@@ -14,7 +14,9 @@ model is always prompted exactly as it was trained.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from exnihilo.errors import ExnihiloError
 from exnihilo.templates import render
@@ -25,6 +27,16 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a respo
                    "appropriately completes the request.")
 
 Segment = tuple[str, bool]
+
+
+def _valid_style(value: str) -> str:
+    if value not in STYLES:
+        raise ValueError(f"unknown style {value!r} (known: {', '.join(STYLES)})")
+    return value
+
+
+# A config field holding a prompt style, validated where the config is built.
+StyleName = Annotated[str, AfterValidator(_valid_style)]
 
 
 def check_style(style: str) -> None:

@@ -30,6 +30,7 @@ from exnihilo.engines.base import Engine
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import load_model, load_tokenizer
 from exnihilo.records import read_any, write_jsonl_atomic
+from exnihilo.styles import StyleName
 from exnihilo.synth.preference import ImplicitScorer, PairsConfig, mix_replay, synthesize_pairs
 from exnihilo.train.dpo import DPOConfig, ModelReference, check_same_tokenizer, run_dpo
 from exnihilo.train.preference_data import read_preferences
@@ -52,7 +53,7 @@ class DiceConfig(BaseModel):
     replay: float = Field(0.0, ge=0, lt=1)
     offline: str | None = None  # offline pairs for replay
     seed: int = 0
-    style: str = "chat"
+    style: StyleName = "chat"
     dpo: dict[str, Any] = Field(default_factory=dict)  # DPOConfig overrides (beta, lr …)
 
 

@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 from exnihilo import progress
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import cache_dir, load_model, load_tokenizer
-from exnihilo.styles import STYLES
+from exnihilo.styles import StyleName
 from exnihilo.train.collate import BatchPlan, collate_continuations
 from exnihilo.train.data import split_records
 from exnihilo.train.forward import sequence_logprobs
@@ -69,7 +69,7 @@ REFERENCE_FREE = {"simpo", "sft"}  # losses that never look at π_ref
 
 class DPOConfig(TrainConfig):
     data: str
-    style: str = "chat"
+    style: StyleName = "chat"
     max_length: int = Field(512, ge=2)
     length_policy: str = "drop"  # or "truncate" (cut responses to fit; counted)
     loss: str = "sigmoid"  # one of LOSSES, or a weighted sum: "sigmoid+0.5*sft"
@@ -83,13 +83,6 @@ class DPOConfig(TrainConfig):
 
     default_lr_lora: ClassVar[float] = 5e-5
     default_lr_full: ClassVar[float] = 1e-6  # TRL's DPOConfig default
-
-    @field_validator("style")
-    @classmethod
-    def _known_style(cls, v: str) -> str:
-        if v not in STYLES:
-            raise ValueError(f"unknown style {v!r} (known: {', '.join(STYLES)})")
-        return v
 
     @field_validator("loss")
     @classmethod

@@ -27,6 +27,7 @@ from exnihilo import progress
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import load_model, load_tokenizer, resolve_model
 from exnihilo.records import Record
+from exnihilo.styles import StyleName
 from exnihilo.train.collate import BatchPlan
 from exnihilo.train.data import split_records
 from exnihilo.train.forward import base_model, decoder_inputs
@@ -51,7 +52,7 @@ from exnihilo.train.run import (
 
 class RewardConfig(TrainConfig):
     data: str
-    style: str = "chat"
+    style: StyleName = "chat"
     max_length: int = Field(512, ge=2)
     length_policy: str = "drop"
 
