@@ -99,8 +99,10 @@ def test_allow_download_is_explicit(tmp_path, monkeypatch):
     assert calls == []
     monkeypatch.setattr(models, "_set_offline", ["HF_HUB_OFFLINE"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Recorded by monkeypatch first (unset), so the switch below does not leak into other
+    # tests: allow_downloads() writes os.environ directly.
+    monkeypatch.setenv(models.ALLOW_DOWNLOAD_VAR, "1")
     models.allow_downloads()  # what --allow-download does
-    monkeypatch.setenv(models.ALLOW_DOWNLOAD_VAR, "1")  # (restored by monkeypatch)
     assert "HF_HUB_OFFLINE" not in __import__("os").environ
     assert models.resolve_model("org/remote") == tmp_path / "dl"
     assert calls[0][0] == "org/remote" and "*.safetensors" in calls[0][1]
