@@ -413,6 +413,8 @@ def run_prune(model_name: str, calibration: str, out: str, targets: PruneTargets
     from exnihilo.models import load_model, load_tokenizer, resolve_model
     from exnihilo.train.run import count_parameters, prepare_out, save_final_model
 
+    if not Path(calibration).expanduser().exists():
+        raise ExnihiloError(f"--calibration {calibration}: no such file or folder")
     if model_obj is None:
         from transformers import AutoConfig
 
