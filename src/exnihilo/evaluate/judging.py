@@ -14,7 +14,13 @@ from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.likelihood import LOGPROB_PAIRWISE_PROMPT_VERSION, logprob_scores
 from exnihilo.evaluate.resumable import _resumable
-from exnihilo.evaluate.sets import EMBEDDED_JUDGES, Message, answer_parts, prompt_id
+from exnihilo.evaluate.sets import (
+    EMBEDDED_JUDGES,
+    Message,
+    answer_parts,
+    prompt_id,
+    require_answers,
+)
 from exnihilo.evaluate.stats import logistic_fit, sigmoid
 from exnihilo.judge import DATA_NOTICE, extract_choice, extract_score, fence
 from exnihilo.records import Record
@@ -95,10 +101,7 @@ def judge_scores(engine: Engine, records: list[Record], params: SamplingParams |
             results.append({**record, "meta": meta})
         return results
 
-    for lineno, record in enumerate(records, start=1):
-        if not record["messages"] or record["messages"][-1]["role"] != "assistant":
-            raise ExnihiloError(f"record {lineno} ({record.get('id')}) has no assistant "
-                                f"answer to judge")
+    require_answers(records)
     results, _ = _resumable(records, lambda r: r["id"], process, out, chunk_size, mismatch)
     return results
 

@@ -36,7 +36,7 @@ from typing import Any
 from exnihilo.engines.base import Conversation, Engine, supports_logprobs
 from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.resumable import _resumable
-from exnihilo.evaluate.sets import Message, answer_parts
+from exnihilo.evaluate.sets import Message, answer_parts, require_answers
 from exnihilo.judge import DATA_NOTICE, fence
 from exnihilo.records import Record
 
@@ -141,10 +141,7 @@ def logprob_scores(engine: Engine, records: list[Record], out: str | Path | None
             results.append({**record, "meta": meta})
         return results
 
-    for lineno, record in enumerate(records, start=1):
-        if not record["messages"] or record["messages"][-1]["role"] != "assistant":
-            raise ExnihiloError(f"record {lineno} ({record.get('id')}) has no assistant "
-                                f"answer to judge")
+    require_answers(records)
     results, _ = _resumable(records, lambda r: r["id"], process, out, chunk_size, mismatch)
     return results
 

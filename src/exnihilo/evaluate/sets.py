@@ -141,6 +141,14 @@ def load_eval_set(path: str | Path, limit: int | None = None, offset: int = 0
     return records
 
 
+def require_answers(records: list[Record]) -> None:
+    """Every record must end with the assistant answer a judge is asked about."""
+    for lineno, record in enumerate(records, start=1):
+        if not record["messages"] or record["messages"][-1]["role"] != "assistant":
+            raise ExnihiloError(f"record {lineno} ({record.get('id')}) has no assistant "
+                                f"answer to judge")
+
+
 def read_generations(path: str | Path) -> list[Record]:
     """Records that end with an assistant answer to judge; errors name file:line."""
     records = []
