@@ -28,12 +28,10 @@ def _config_error(e: ValidationError) -> ExnihiloError:
 
 
 def _threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise ExnihiloError(f"--threads must be at least 1, got {threads}")
-        import torch
+    """The command's own --threads (the root option and EXNIHILO_THREADS work too)."""
+    from exnihilo.threads import apply_threads
 
-        torch.set_num_threads(threads)
+    apply_threads(threads)
 
 
 def dpo_command(

@@ -8,8 +8,6 @@ The integrator registers the three functions, e.g.
 
 from __future__ import annotations
 
-import os
-
 import typer
 from pydantic import ValidationError
 
@@ -25,13 +23,10 @@ def _config_error(e: ValidationError) -> ExnihiloError:
 
 
 def _threads(threads: int | None) -> None:
-    """Torch threads: --threads, else EXNIHILO_THREADS, else torch's default."""
-    value = threads or (int(os.environ["EXNIHILO_THREADS"])
-                        if os.environ.get("EXNIHILO_THREADS", "").isdigit() else None)
-    if value:
-        import torch
+    """The command's own --threads (the root option and EXNIHILO_THREADS work too)."""
+    from exnihilo.threads import apply_threads
 
-        torch.set_num_threads(value)
+    apply_threads(threads)
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
