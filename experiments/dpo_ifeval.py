@@ -26,6 +26,8 @@ import argparse
 import importlib
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "evalsets"
 IFEVAL = SHARED / "ifeval-input-data.jsonl"
 CH07 = SHARED / "rasbt-instruction-data.json"
 
-FULL = dict(train_prompts=240, dice_prompts=120, n=6, sample_tokens=256, eval_prompts=None,
-            eval_tokens=512, epochs=2, batch=8, ppl_records=100, batch_gen=16, val=0.1)
+FULL = dict(train_prompts=160, dice_prompts=80, n=6, sample_tokens=256, eval_prompts=None,
+            eval_tokens=512, epochs=2, batch=8, lr=1e-4, ppl_records=100, batch_gen=16,
+            val=0.1)
 QUICK = dict(train_prompts=16, dice_prompts=8, n=4, sample_tokens=160, eval_prompts=20,
-             eval_tokens=96, epochs=1, batch=2, ppl_records=20, batch_gen=16, val=0.0)
+             eval_tokens=96, epochs=1, batch=2, lr=1e-4, ppl_records=20, batch_gen=16,
+             val=0.0)
 
 
 def instructions(start: int, count: int) -> list[dict[str, Any]]:
@@ -82,7 +86,7 @@ def stage_dpo(out: Path, s: dict[str, Any]) -> str:
 
     folder = out / "dpo"
     if not (folder / "exnihilo_run.json").exists():
-        cfg = DPOConfig(data=str(out / "pairs.jsonl"), out=str(folder), beta=0.1, lr=5e-5,
+        cfg = DPOConfig(data=str(out / "pairs.jsonl"), out=str(folder), beta=0.1, lr=s["lr"],
                         epochs=s["epochs"], batch_size=s["batch"], max_length=768,
                         val_fraction=s["val"], eval_every=20, save_every=20)
         run_dpo(cfg, resume=folder.exists())
@@ -99,7 +103,7 @@ def stage_dice(out: Path, dpo: str, prompts: list[Any], s: dict[str, Any]) -> st
                      out=str(out / "dice"), iterations=1, n=s["n"],
                      max_new_tokens=s["sample_tokens"], alpha_step=1e-3, replay=0.5,
                      offline=str(out / "pairs.jsonl"),
-                     dpo=dict(beta=0.1, lr=5e-5, epochs=s["epochs"], batch_size=s["batch"],
+                     dpo=dict(beta=0.1, lr=s["lr"], epochs=s["epochs"], batch_size=s["batch"],
                               max_length=768, val_fraction=s["val"]))
     run_dice(cfg, lambda m: make_engine("transformers", m, batch_size=s["batch_gen"]))
     return str(iteration_dir(out / "dice", 1) / "model")
@@ -126,36 +130,58 @@ def reference_perplexity(model: str, s: dict[str, Any]) -> float:
     return summary["perplexity"]
 
 
+def model_report(out: Path, name: str, path: str, s: dict[str, Any],
+                 base: list[dict] | None) -> tuple[dict[str, Any], list[dict]]:
+    """IFEval (with the paired difference against the base) and reference perplexity."""
+    from exnihilo.ifeval.score import paired_difference, summarize
+
+    results = ifeval_results(out, name, path, s)
+    strict = [r for r in results if r["mode"] == "strict"]
+    entry: dict[str, Any] = {
+        "ifeval": {k: v for k, v in summarize(results).items() if k != "by_instruction"},
+        "mean_response_chars": sum(len(r["response"]) for r in strict) / len(strict),
+        "reference_perplexity": reference_perplexity(path, s)}
+    if base is not None:
+        entry["vs_base"] = paired_difference(results, base)
+    return entry, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
+    parser.add_argument("--base-answers", type=Path, default=None,
+                        help="the base model's IFEval answers from an earlier run with the same "
+                             "sampling (e.g. `eval ifeval --responses-out`); reused, not "
+                             "regenerated (generation refuses a file with other sampling)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from exnihilo.ifeval.score import paired_difference, summarize
+    if args.base_answers and not (out / "ifeval-base.jsonl").exists():
+        shutil.copyfile(args.base_answers, out / "ifeval-base.jsonl")
 
     train_prompts, dice_prompts = stage_constraints(out, s)
-    pairs = stage_pairs(out, train_prompts, s)
+    report: dict[str, Any] = {"settings": s, "threads": args.threads, "models": {}}
+
+    started = time.monotonic()
+
+    def save() -> None:  # after every stage, so a long run shows what it has so far
+        report["wall_seconds_this_process"] = round(time.monotonic() - started)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+
+    report["models"]["base"], base = model_report(out, "base", DEFAULT_MODEL, s, None)
+    save()
+    report["pairs"] = stage_pairs(out, train_prompts, s)
+    save()
     dpo = stage_dpo(out, s)
+    report["models"]["dpo"], _ = model_report(out, "dpo", dpo, s, base)
+    save()
     dice = stage_dice(out, dpo, dice_prompts, s)
-    models = {"base": DEFAULT_MODEL, "dpo": dpo, "dice1": dice}
-    report: dict[str, Any] = {"settings": s, "pairs": pairs, "models": {}}
-    results = {name: ifeval_results(out, name, path, s) for name, path in models.items()}
-    for name, path in models.items():
-        strict = [r for r in results[name] if r["mode"] == "strict"]
-        report["models"][name] = {
-            "ifeval": {k: v for k, v in summarize(results[name]).items()
-                       if k != "by_instruction"},
-            "mean_response_chars": sum(len(r["response"]) for r in strict) / len(strict),
-            "reference_perplexity": reference_perplexity(path, s)}
-        if name != "base":
-            report["models"][name]["vs_base"] = paired_difference(results[name],
-                                                                  results["base"])
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    report["models"]["dice1"], _ = model_report(out, "dice1", dice, s, base)
+    save()
     print(json.dumps(report, indent=2))
 
 
