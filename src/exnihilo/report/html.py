@@ -223,9 +223,11 @@ def line_segments(points: Sequence[Point]) -> list[list[tuple[float, float]]]:
 
 
 def line_chart_svg(title: str, series: Sequence[tuple[str, Sequence[Point]]],
-                   x_label: str = "step", markers_up_to: int = 100) -> str:
+                   x_label: str = "step", markers_up_to: int = 100,
+                   x_range: tuple[float, float] | None = None) -> str:
     """Lines of y against x, one per series, on shared linear axes spanning the drawable
-    points exactly (lowest value on the bottom edge, highest on the top). Each series is one
+    points exactly (lowest value on the bottom edge, highest on the top; `x_range` fixes the
+    x-axis instead, so charts of one run line up step for step). Each series is one
     `<path class="line">` (a new `M` after each gap); series with at most `markers_up_to`
     points also get a dot per point whose tooltip gives the value."""
     width, height, left, bottom, top, right = 620, 230, 64, 34, 28, 14
@@ -236,7 +238,7 @@ def line_chart_svg(title: str, series: Sequence[tuple[str, Sequence[Point]]],
         return (f'<svg class="chart empty" viewBox="0 0 {width} 40" width="{width}" '
                 f'height="40" xmlns="http://www.w3.org/2000/svg"><title>{esc(title)}</title>'
                 f'<text x="0" y="16" class="ctitle">{esc(title)}: no values</text></svg>')
-    (x_lo, x_hi), (y_lo, y_hi) = _span(xs), _span(ys)
+    (x_lo, x_hi), (y_lo, y_hi) = _span(list(x_range) if x_range else xs), _span(ys)
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:

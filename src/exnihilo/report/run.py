@@ -185,7 +185,10 @@ def config_rows(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
 
 def render_run_report(runs: Sequence[RunData], title: str) -> str:
     """The whole page as one string."""
-    charts = [line_chart_svg(chart_title, [(run.name, curve(run.rows, key)) for run in runs])
+    steps = [row["step"] for run in runs for row in run.rows]
+    x_range = (min(steps), max(steps))  # every chart on the same step axis
+    charts = [line_chart_svg(chart_title, [(run.name, curve(run.rows, key)) for run in runs],
+                             x_range=x_range)
               for key, chart_title in curve_keys(runs)]
     legend = "".join(f'<span><span class="swatch" style="background:'
                      f'{COLORS[i % len(COLORS)]}"></span>{esc(run.name)} '
@@ -224,6 +227,9 @@ def write_run_report(folders: Sequence[str | Path], output: str | Path,
     paths = [Path(f) for f in folders]
     if not paths:
         raise ExnihiloError("report: give at least one run folder")
+    twice = [p for i, p in enumerate(paths) if p.resolve() in {q.resolve() for q in paths[:i]}]
+    if twice:
+        raise ExnihiloError(f"report: run folder {twice[0]} given twice")
     output = Path(output)
     check_output(output, [p / METRICS for p in paths])
     runs = [read_run(p, name) for p, name in zip(paths, _run_names(paths), strict=True)]
