@@ -194,3 +194,11 @@ def test_report_cli_on_a_run_folder(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["report", str(tiny_run), str(data), "-o", str(out)])
     assert isinstance(result.exception, ExnihiloError)
     assert "either run folders or dataset files" in str(result.exception)
+
+
+def test_step_axis_ticks_are_whole_steps():
+    svg = line_chart_svg("loss", [("a", [(1, 1.0), (12000, 2.0)])])
+    ticks = re.findall(r'y="210" class="val" text-anchor="middle">([^<]+)<', svg)
+    assert ticks == ["1", "3,001", "6,000", "9,000", "12,000"]
+    # 1 + 11999 / 4 = 3000.75 rounds to 3,001; each label sits at its own step's x
+    assert f'<text x="{LEFT + 542 * 3000 / 11999:.1f}" y="210"' in svg

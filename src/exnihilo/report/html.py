@@ -257,10 +257,14 @@ def line_chart_svg(title: str, series: Sequence[tuple[str, Sequence[Point]]],
     for tick in (y_lo, (y_lo + y_hi) / 2, y_hi):
         parts.append(f'<text x="{left - 4}" y="{py(tick):.1f}" class="val" text-anchor="end" '
                      f'dominant-baseline="middle">{tick:.3g}</text>')
-    for i in range(5):
-        tick = x_lo + (x_hi - x_lo) * i / 4
+    x_ticks = [x_lo + (x_hi - x_lo) * i / 4 for i in range(5)]
+    whole = all(float(x).is_integer() for x in xs) and x_hi - x_lo >= 4
+    if whole:  # steps: whole-number ticks, written out (12,000 rather than 1.2e+04)
+        x_ticks = sorted({float(round(t)) for t in x_ticks})
+    for tick in x_ticks:
+        label = f"{tick:,.0f}" if whole else f"{tick:.4g}"
         parts.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 14}" class="val" '
-                     f'text-anchor="middle">{tick:.4g}</text>')
+                     f'text-anchor="middle">{label}</text>')
     parts.append(f'<text x="{left + plot_w}" y="{height - 4}" class="val" '
                  f'text-anchor="end">{esc(x_label)}</text>')
     for s, (name, segments) in enumerate(drawn):
