@@ -118,6 +118,15 @@ def dtype_option() -> Any:
     return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
 
 
+def report_to_option() -> Any:
+    return typer.Option(
+        [], "--report-to", metavar="TRACKER",
+        help="Send each step's metrics to an experiment tracker: tensorboard, trackio or "
+        "wandb (repeatable or comma list; the package must be installed; wandb runs offline "
+        "unless WANDB_MODE is set). Default: none (metrics.jsonl and `exnihilo report OUT` "
+        "always work).")
+
+
 def models_command() -> None:
     """List the models exnihilo can use right now, and where each comes from."""
     from exnihilo.models import cache_dir, list_models

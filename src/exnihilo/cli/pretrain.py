@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, report_to_option
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -84,6 +84,7 @@ def pretrain_command(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    report_to: list[str] = report_to_option(),
 ) -> None:
     """Pretrain a Gemma 2 model from a preset, or continue pretraining a model, on text."""
     from exnihilo.train.pretrain import PretrainConfig, run_pretrain
@@ -108,7 +109,8 @@ def pretrain_command(
             grad_accum=grad_accum, epochs=epochs, lr=lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, arch_options=options, val_fraction=val_fraction,
             val_tokens=val_tokens, eval_every=eval_every, save_every=save_every, seed=seed,
-            max_steps=max_steps, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+            max_steps=max_steps, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_pretrain(cfg, resume=resume)
@@ -162,6 +164,7 @@ def distill_command(
     max_steps: int | None = typer.Option(None, "--max-steps"),
     dtype: str = typer.Option("float32", "--dtype"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    report_to: list[str] = report_to_option(),
 ) -> None:
     """Distill a teacher into a student on text: KL / reverse KL / JSD, optionally on-policy."""
     from exnihilo.train.distill import DistillConfig, run_distill
@@ -179,7 +182,7 @@ def distill_command(
             tokens=parse_token_count(tokens), seq_len=seq_len, batch_size=batch_size,
             grad_accum=grad_accum, epochs=epochs, lr=lr, full=not lora,
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,
-            seed=seed, max_steps=max_steps, dtype=dtype)
+            seed=seed, max_steps=max_steps, dtype=dtype, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_distill(cfg, resume=resume)

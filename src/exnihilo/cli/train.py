@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, report_to_option
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -73,6 +73,7 @@ def sft_command(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in backward: much less memory for long batches, about "
         "a third more compute. Default: on from 2,048 positions per micro-batch."),
+    report_to: list[str] = report_to_option(),
 ) -> None:
     """Supervised finetuning: LoRA by default, --full for every weight."""
     from exnihilo.train.sft import SFTConfig, run_sft
@@ -87,7 +88,7 @@ def sft_command(
             lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,
             seed=seed, max_steps=max_steps, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     result = run_sft(cfg, resume=resume)

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from exnihilo import progress as progress_mod
 from exnihilo.errors import ExnihiloError
 from exnihilo.records import JsonlAppender, iter_jsonl, write_jsonl_atomic
+from exnihilo.train.tracking import open_trackers
 
 Batch = dict[str, torch.Tensor]
 
@@ -109,6 +110,10 @@ class LoopConfig:
     # both are set, each metrics line and the bar carry MFU = achieved / peak FLOP/s.
     flops_per_position: float = 0.0
     peak_flops: float = 0.0
+    # Trackers (exnihilo.train.tracking) that get each metrics row, and the config they
+    # record once at the start.
+    report_to: tuple[str, ...] = ()
+    run_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -382,6 +387,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
         metrics_path.unlink()  # nothing to resume from: metrics of that attempt would mislead
     history = [obj for _, obj in iter_jsonl(metrics_path)] if metrics_path.exists() else []
 
+    trackers = open_trackers(cfg.report_to, out, cfg.run_config)
     model.train()
     bar = _Bar(label, n_steps, state.step)
     val_loss: float | None = None
@@ -423,6 +429,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     row["val_loss"] = val_loss
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                 metrics_log.append(row)
+                trackers.log(row, state.step)
                 history.append(row)
                 bar.update(state.step, step.loss, rate, shown)
                 if cfg.save_every and state.step % cfg.save_every == 0 and not last:
@@ -432,6 +439,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     on_step(state)
     finally:
         bar.close()
+        trackers.close()
     losses = [h["loss"] for h in history[-10:]]
     return LoopResult(
         steps=state.step, train_loss=sum(losses) / len(losses) if losses else None,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -61,10 +61,20 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Experiment trackers fed each metrics row (tensorboard, trackio, wandb); checked to be
+    # installed when the config is built, before any model loads.
+    report_to: list[str] = []
 
     # The method's default rates; subclasses override.
     default_lr_lora: ClassVar[float] = DEFAULT_LR_LORA
     default_lr_full: ClassVar[float] = DEFAULT_LR_FULL
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> list[str]:
+        from exnihilo.train.tracking import parse_report_to
+
+        return parse_report_to(value)
 
     @property
     def learning_rate(self) -> float:
@@ -78,11 +88,12 @@ class TrainConfig(BaseModel):
                           max_grad_norm=self.max_grad_norm, epochs=self.epochs,
                           max_steps=self.max_steps, eval_every=self.eval_every,
                           save_every=self.save_every, seed=self.seed,
-                          lora_plus_ratio=self.lora_plus_ratio)
+                          lora_plus_ratio=self.lora_plus_ratio,
+                          report_to=tuple(self.report_to), run_config=self.model_dump())
 
 
 # Settings that do not change the trained weights may differ when resuming.
-NOT_IDENTITY = {"out", "eval_every", "save_every"}
+NOT_IDENTITY = {"out", "eval_every", "save_every", "report_to"}
 
 
 def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:
