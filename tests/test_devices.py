@@ -170,7 +170,7 @@ def test_cli_device_error_comes_before_any_model_loads(machine, monkeypatch, cap
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}))
     with pytest.raises(SystemExit) as e:
-        run_app(app, ["--device", "cuda", "eval", "perplexity", str(data)])
+        run_app(app, ["--device", "cuda", "eval", "perplexity", "--data", str(data)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --device cuda: no CUDA device") and "\n" not in err
