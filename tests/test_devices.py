@@ -277,9 +277,12 @@ def test_sft_on_cuda_matches_the_cpu(tmp_path, smol_tokenizer, dtype, tolerance)
     for a, b in zip(cpu_metrics, gpu_metrics, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=tolerance)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=tolerance)
+    # AdamW moves a weight by ~lr whatever its gradient's size, so a near-zero gradient whose
+    # sign differs between devices moves it the other way: compare the mean, not each value.
+    lr = 5e-3
     for key in cpu_weights:
-        assert torch.allclose(cpu_weights[key], gpu_weights[key].float(),
-                              atol=10 * tolerance), key
+        gap = (cpu_weights[key] - gpu_weights[key].float()).abs().mean()
+        assert gap < (0.05 if dtype == "float32" else 0.5) * lr, key
 
 
 @pytest.mark.gpu

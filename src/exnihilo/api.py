@@ -246,15 +246,16 @@ def generate(data: Data, model: Any = DEFAULT_MODEL, *, out: str | Path | None =
              style: str = "chat", temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
              engine_kind: str = "transformers", dtype: str = "auto",
-             batch_size: int = 16) -> Records:
-    """`generate`: answer every prompt (references move to meta.reference, as for eval)."""
+             batch_size: int = 16, device: str | None = None) -> Records:
+    """`generate`: answer every prompt (references move to meta.reference, as for eval);
+    a local model runs on `device` (None: the process default)."""
     from exnihilo.evaluate import generate_responses, generation_summary, load_eval_set
 
     params = SamplingParams(temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, seed=seed)
     with _as_file(data) as src:
         prompts = load_eval_set(src, limit=limit)
-    eng = engine(model, engine=engine_kind, dtype=dtype, batch_size=batch_size)
+    eng = engine(model, engine=engine_kind, dtype=dtype, batch_size=batch_size, device=device)
     rows = generate_responses(eng, prompts, params, style=style, out=out)
     return Records(rows, generation_summary(rows))
 
