@@ -115,7 +115,8 @@ def concurrency_option() -> Any:
 
 
 def dtype_option() -> Any:
-    return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
+    return typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU that supports it, else "
+                                                "float32), float32 or bfloat16 (local).")
 
 
 def report_to_option() -> Any:

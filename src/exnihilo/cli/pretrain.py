@@ -81,7 +81,8 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
@@ -162,7 +163,8 @@ def distill_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
 ) -> None:

@@ -68,7 +68,8 @@ def sft_command(
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer "
                                          "steps (the schedule is fitted to N)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in backward: much less memory for long batches, about "

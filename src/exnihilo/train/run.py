@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from exnihilo.devices import place_model, resolve_device, training_dtypes
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import DEFAULT_MODEL
+from exnihilo.models import DEFAULT_MODEL, load_model
 from exnihilo.train.loop import LoopConfig
 
 RUN_CONFIG = "run_config.json"  # written when a run starts: identifies it
@@ -54,7 +55,9 @@ class TrainConfig(BaseModel):
     save_every: int = Field(50, ge=0)
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
-    dtype: str = "float32"
+    # auto: float32 weights, with bfloat16 autocast on a GPU that supports it (exnihilo.devices)
+    dtype: str = "auto"
+    device: str | None = None  # None: the process default (exnihilo --device, else auto)
     # Recompute layer activations in backward. None: automatic for SFT (on from
     # CHECKPOINT_FROM_POSITIONS positions per micro-batch); True/False force it.
     gradient_checkpointing: bool | None = None
@@ -82,6 +85,9 @@ class TrainConfig(BaseModel):
             return self.lr
         return self.default_lr_full if self.full else self.default_lr_lora
 
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
     def loop_config(self) -> LoopConfig:
         return LoopConfig(lr=self.learning_rate, weight_decay=self.weight_decay,
                           warmup_ratio=self.warmup_ratio, grad_accum=self.grad_accum,
@@ -89,11 +95,24 @@ class TrainConfig(BaseModel):
                           max_steps=self.max_steps, eval_every=self.eval_every,
                           save_every=self.save_every, seed=self.seed,
                           lora_plus_ratio=self.lora_plus_ratio,
-                          report_to=tuple(self.report_to), run_config=self.model_dump())
+                          report_to=tuple(self.report_to), run_config=self.model_dump(),
+                          autocast_dtype=training_dtypes(self.dtype, self.torch_device())[1])
+
+
+def load_for_training(name: str, cfg: TrainConfig) -> Any:
+    """`name` loaded for a run of `cfg`: on its device, in its training weights' dtype
+    (float32 under dtype auto; the loop's autocast supplies bfloat16 where it fits)."""
+    device = cfg.torch_device()
+    return load_model(name, training_dtypes(cfg.dtype, device)[0], device=device)
+
+
+def given_model(model_obj: Any, cfg: TrainConfig) -> Any:
+    """An in-memory model handed to a run: moved to `cfg.device` when one is set."""
+    return place_model(model_obj, cfg.device)
 
 
 # Settings that do not change the trained weights may differ when resuming.
-NOT_IDENTITY = {"out", "eval_every", "save_every", "report_to"}
+NOT_IDENTITY = {"out", "eval_every", "save_every", "report_to", "device"}
 
 
 def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:
