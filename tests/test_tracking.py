@@ -79,7 +79,7 @@ def test_missing_backend_fails_on_the_command_line_before_any_model_loads(
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("exnihilo.train.sft.load_model", no_model)
+    monkeypatch.setattr("exnihilo.train.sft.load_for_training", no_model)
     monkeypatch.setattr("exnihilo.train.sft.load_tokenizer", no_model)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
