@@ -17,7 +17,9 @@ Stages (each resumable; rerun the same command after a kill):
    paired difference against the base, mean response length; and reference perplexity on
    ch07 records (did anything else get worse?).
 
-Prints one JSON report and writes it to <out>/report.json.
+Prints one JSON report and writes it to <out>/report.json (rewritten after every stage).
+Greedy decoding does not depend on the batch size beyond fp32 rounding, so the base answers
+of an earlier `eval ifeval` run (same sampling; batch 16) can be reused with --base-answers.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "evalsets"
 IFEVAL = SHARED / "ifeval-input-data.jsonl"
 CH07 = SHARED / "rasbt-instruction-data.json"
 
-FULL = dict(train_prompts=160, dice_prompts=80, n=6, sample_tokens=256, eval_prompts=None,
-            eval_tokens=512, epochs=2, batch=8, lr=1e-4, ppl_records=100, batch_gen=16,
+FULL = dict(train_prompts=100, dice_prompts=50, n=6, sample_tokens=256, eval_prompts=None,
+            eval_tokens=512, epochs=2, batch=8, lr=1e-4, ppl_records=100, batch_gen=32,
             batch_sample=30, val=0.1)
 QUICK = dict(train_prompts=16, dice_prompts=8, n=4, sample_tokens=160, eval_prompts=20,
              eval_tokens=96, epochs=1, batch=2, lr=1e-4, ppl_records=20, batch_gen=16,
@@ -65,7 +67,8 @@ def stage_constraints(out: Path, s: dict[str, Any]) -> tuple[list[Any], list[Any
                                                        + 20), seed=0, eval_path=IFEVAL)
         write_jsonl_atomic(path, rows[:s["train_prompts"] + s["dice_prompts"]])
     records = read_any(path)
-    return records[:s["train_prompts"]], records[s["train_prompts"]:]
+    train, dice = s["train_prompts"], s["dice_prompts"]
+    return records[:train], records[train:train + dice]
 
 
 def stage_pairs(out: Path, prompts: list[Any], s: dict[str, Any]) -> dict[str, Any]:
