@@ -373,3 +373,63 @@ def test_dora_option_adds_magnitude_vectors_and_trains(tmp_path):
                LoopConfig(lr=1e-2, save_every=0, eval_every=0))
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before if "magnitude" in n)
+
+
+# ------------------------------------------------------------------ the fused head (SFT loss)
+
+def tiny_gemma2_capped(cap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=512, sliding_window=16,
+                       final_logit_softcapping=cap, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=2, attn_implementation="eager")
+    return Gemma2ForCausalLM(cfg)
+
+
+def loss_and_grads(model, batch, fn):
+    model.zero_grad()
+    loss = fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-untied", "gemma2-cap", "llama-lora"])
+def test_fused_head_sum_equals_the_plain_sum_in_value_and_every_gradient(kind, monkeypatch):
+    """Same loss and same gradient for every parameter as `token_logprobs(...).sum()`, over
+    several chunks with a remainder (chunk 5), with the soft-cap biting (cap 0.5: tanh far
+    from linear) and with a frozen head under LoRA."""
+    monkeypatch.setattr(forward, "FUSED_CHUNK", 5)
+    if kind == "gemma2-cap":
+        model = tiny_gemma2_capped(0.5)
+    else:
+        model = tiny(tie_word_embeddings=kind != "llama-untied")
+    if kind == "llama-lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.train()
+    exs = examples()
+    batch = collate_packed([[exs[0], exs[1]], [exs[2], exs[3]]], PAD, EOS, mask_prompt=True)
+    n = int((batch["labels"] != -100).sum())
+    assert n > 5 and n % 5 != 0  # several chunks and a partial one
+    fused, fused_grads = loss_and_grads(model, batch, forward.token_logprob_sum)
+    plain, plain_grads = loss_and_grads(model, batch, lambda m, b: token_logprobs(m, b).sum())
+    assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 3
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    if kind == "gemma2-cap":  # the cap really changes the numbers
+        assert float(fused) != pytest.approx(float(forward.token_logprobs(
+            tiny(), batch).sum()), rel=1e-3)
+
+
+def test_fused_head_is_used_only_where_it_is_exact():
+    """A LoRA-wrapped head or a head with a bias goes through the plain path."""
+    model = tiny()
+    assert forward._fusable_head(model) is model.lm_head
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+    assert forward._fusable_head(model) is None

@@ -127,6 +127,84 @@ def token_logprobs(model: Any, batch: Batch, chunk: int | None = None) -> torch.
     return chunked(piece, hidden, targets, chunk=chunk)
 
 
+# Rows per chunk of the fused head below: its [rows × vocab] fp32 block (12.6 MB at 64 × 49k)
+# stays in cache through the softmax and gradient passes.
+FUSED_CHUNK = 64
+
+
+class _FusedHeadLogprobSum(torch.autograd.Function):
+    """Σ log softmax(cap·tanh(h Wᵀ / cap))[target] over rows, with its gradient computed in
+    the same pass, chunk by chunk (the fused linear + cross-entropy of Liger-Kernel, written
+    here for CPU and for Gemma 2's soft-capping, which the libraries' fused losses omit).
+
+    The output is a plain sum, so the gradient of each row's log-prob is needed with weight
+    one: d/dy = onehot − softmax(y), times the soft-cap's derivative 1 − tanh², then through
+    the head's matmul to h and to W. Computing it while the chunk's logits are still in cache
+    replaces the [tokens × vocab] tensors that autograd would keep (or rebuild, when
+    checkpointed) by one [rows × vocab] block at a time; backward only scales the stored
+    gradients by the incoming scalar. Double backward is not supported (nothing here uses it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                cap: float, chunk: int) -> torch.Tensor:
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk, None]
+            y = (h @ weight.T).float()
+            squash = None
+            if cap:
+                squash = y.div_(cap).tanh_()  # tanh(z / cap), kept for its derivative
+                y = squash * cap
+            lse = torch.logsumexp(y, dim=-1, keepdim=True)
+            total += (y.gather(1, t) - lse).sum()
+            grad = y.sub_(lse).exp_().neg_()  # −softmax, in place
+            grad.scatter_add_(1, t, torch.ones_like(t, dtype=grad.dtype))
+            if squash is not None:
+                grad.mul_(squash.mul_(squash).neg_().add_(1))  # · (1 − tanh²)
+            grad = grad.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = grad @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad.T, h)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if grad_h is not None else None,
+                grad_w * grad_out if grad_w is not None else None, None, None, None)
+
+
+def _fusable_head(base: Any) -> torch.nn.Linear | None:
+    """The head's Linear when the fused path computes exactly what the model would: a plain
+    bias-free nn.Linear (not a LoRA-wrapped one), no autocast in effect."""
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if torch.is_autocast_enabled(head.weight.device.type):
+        return None
+    return head
+
+
+def token_logprob_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Σ log π(target) over every trained position: `token_logprobs(...).sum()`, computed by
+    the fused head when training a plain-head model (SFT's and pretraining's loss), which
+    is faster and never holds more than one [64 × vocab] block of logits."""
+    if not (torch.is_grad_enabled() and has_plain_head(model)):
+        return token_logprobs(model, batch).sum()
+    base = base_model(model)
+    head = _fusable_head(base)
+    if head is None:
+        return token_logprobs(model, batch).sum()
+    hidden, targets = trained_hidden(model, batch)
+    cap = getattr(base.config, "final_logit_softcapping", None) or 0.0
+    return _FusedHeadLogprobSum.apply(hidden, head.weight, targets, float(cap), FUSED_CHUNK)
+
+
 def example_ids(batch: Batch) -> torch.Tensor:
     """The example each trained position belongs to, [N]. Padded batches (no
     `example_index`) hold one example per row."""

@@ -36,7 +36,7 @@ from exnihilo.train.data import (
 )
 from exnihilo.train.forward import (  # noqa: F401  (trained_logits re-exported)
     IGNORE_INDEX,
-    token_logprobs,
+    token_logprob_sum,
     trained_logits,
 )
 from exnihilo.train.loop import Batch, LoopResult, train_loop
@@ -77,7 +77,7 @@ class SFTObjective:
         return float((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model: Any, batch: Batch) -> torch.Tensor:
-        return -token_logprobs(model, batch).sum()
+        return -token_logprob_sum(model, batch)
 
 
 # ------------------------------------------------------------------------------------- run
