@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 
 
 def demo_command(
@@ -28,12 +28,20 @@ def demo_command(
     LoRA SFT → base and tuned answer held-out ch07 and IFEval prompts → instructions followed
     (checked by code), reference perplexity and judge score, with intervals and the paired
     differences."""
-    from exnihilo.cli.synth import print_summary
     from exnihilo.demo import DemoConfig, run_demo
 
     console.rule(Text("exnihilo demo on smollm2-135m-instruct", style="bold"))
     result = run_demo(DemoConfig(workdir=workdir, n=n, epochs=epochs, eval_limit=eval_limit,
                                  eval_set=eval_set, ifeval_limit=ifeval_limit))
+    magpie = {k: v for k, v in result.magpie.items() if k != "examples"}
+    emit({"magpie": magpie, "sft": result.sft, "rows": result.rows,
+          "differences": result.differences, "warning": result.warning,
+          "files": result.files, "seconds": result.seconds}, lambda: _print_demo(result))
+
+
+def _print_demo(result) -> None:
+    from exnihilo.cli.synth import print_summary
+
     print_summary(result.magpie, show=2)
     sft = result.sft
     console.print(f"SFT (LoRA, merged): {sft['out']} · steps {sft['steps']} · train loss "

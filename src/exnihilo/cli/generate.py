@@ -14,6 +14,7 @@ from exnihilo.cli.common import (
     concurrency_option,
     console,
     dtype_option,
+    emit,
     engine_option,
 )
 
@@ -49,8 +50,6 @@ def generate_command(
 
     The reference answer stays in meta.reference, so `exnihilo eval judge` can score
     against it."""
-    from rich.table import Table
-    from rich.text import Text
 
     from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
@@ -77,6 +76,14 @@ def generate_command(
     started = time.perf_counter()
     results = generate_responses(gen, records, params, style=style, out=out)
     summary = generation_summary(results, time.perf_counter() - started)
+    emit({"model": model, "style": style, **summary, "out": out},
+         lambda: _print_generated(summary, results, model, style, out, show))
+
+
+def _print_generated(summary: dict, results: list[dict], model: str, style: str, out: Path,
+                     show: int) -> None:
+    from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"generate → {out}", show_header=False)
     table.add_row("model", f"{model} (style {style})")

@@ -15,6 +15,7 @@ from exnihilo.cli.common import (
     concurrency_option,
     console,
     dtype_option,
+    emit,
     engine_option,
 )
 from exnihilo.errors import ExnihiloError
@@ -107,6 +108,10 @@ def dpo_command(
         raise _config_error(e) from None
     _threads(threads)
     result = run_dpo(cfg, resume=resume)
+    emit(result, lambda: _print_dpo(result, cfg.out))
+
+
+def _print_dpo(result, out: str) -> None:
     m = result.final_metrics
     acc = m.get("val_reward_accuracy", m.get("reward_accuracy"))
     margin = m.get("val_reward_margin", m.get("reward_margin"))
@@ -115,7 +120,7 @@ def dpo_command(
         f"loss {result.train_loss:.4f} · reward accuracy "
         f"{'–' if acc is None else f'{acc:.2f}'} · margin "
         f"{'–' if margin is None else f'{margin:.3f}'} · {result.pairs_per_s:.2f} pairs/s")
-    console.print(f"model: {cfg.out}  (reference: {result.reference}; metrics: "
+    console.print(f"model: {out}  (reference: {result.reference}; metrics: "
                   f"{result.out}/metrics.jsonl)")
 
 
@@ -185,13 +190,16 @@ def synth_pairs_command(
     sampler = build_engine(engine, model, dtype, batch_size, base_url, concurrency,
                            label="sampling")
     summary = synthesize_pairs(sampler, scoring, records, cfg, out)
-    console.print(
-        f"done: {summary.pairs} pairs from {summary.prompts} prompts "
-        f"({summary.too_few_valid} with too few valid samples, {summary.tied} tied) · "
-        f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
-        f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
-        f"{summary.mean_rejected_score:.3f}")
-    console.print(f"pairs: {out}  (summary: {out}.summary.json)")
+
+    def show() -> None:
+        console.print(
+            f"done: {summary.pairs} pairs from {summary.prompts} prompts "
+            f"({summary.too_few_valid} with too few valid samples, {summary.tied} tied) · "
+            f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
+            f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
+            f"{summary.mean_rejected_score:.3f}")
+        console.print(f"pairs: {out}  (summary: {out}.summary.json)")
+    emit(summary, show)
 
 
 def make_scorer(kind: str, model: str, reference: str | None, judge_model: str | None,
@@ -237,8 +245,11 @@ def synth_constraints_command(
     rows, dropped = make_constraint_prompts(read_any(source), seed, max_constraints, eval_set)
     write_jsonl_atomic(out, rows)
     counts = {k: sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
-    console.print(f"done: {len(rows)} prompts ({json.dumps(counts)} by number of "
-                  f"constraints; {dropped} dropped as evaluation overlap) → {Path(out)}")
+    emit({"prompts": len(rows), "by_constraints": counts, "dropped_overlap": dropped,
+          "out": out},
+         lambda: console.print(f"done: {len(rows)} prompts ({json.dumps(counts)} by number of "
+                               f"constraints; {dropped} dropped as evaluation overlap) → "
+                               f"{Path(out)}"))
 
 
 def dice_command(
@@ -288,11 +299,13 @@ def dice_command(
     _threads(threads)
     manifests = run_dice(cfg, lambda m: build_engine("transformers", m, dtype,
                                                      label="sampling"))
-    for m in manifests:
-        s = m["stages"]
-        console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
-                      f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
-                      f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
+    def show() -> None:
+        for m in manifests:
+            s = m["stages"]
+            console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
+                          f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
+                          f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
+    emit({"out": out, "iterations": manifests}, show)
 
 
 def reward_command(
@@ -331,8 +344,11 @@ def reward_command(
         raise _config_error(e) from None
     _threads(threads)
     result = run_reward(cfg, resume=resume)
-    acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
-    console.print(f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
-                  f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
-    console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
-                  f"--reward-model {result.out}`)")
+
+    def show() -> None:
+        acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
+        console.print(f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
+                      f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
+        console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
+                      f"--reward-model {result.out}`)")
+    emit(result, show)

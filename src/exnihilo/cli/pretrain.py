@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -112,6 +112,10 @@ def pretrain_command(
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_pretrain(cfg, resume=resume)
+    emit(r, lambda: _print_pretrain(r))
+
+
+def _print_pretrain(r) -> None:
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
     console.print(f"[bold]done[/bold]: {r.steps} steps, {r.trained_tokens:,} tokens in "
                   f"{r.train_seconds:.0f} s · {r.trained_tokens_per_s:,.0f} tok/s · MFU {mfu}"
@@ -183,6 +187,10 @@ def distill_command(
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_distill(cfg, resume=resume)
+    emit(r, lambda: _print_distill(r, loss))
+
+
+def _print_distill(r, loss: str) -> None:
     console.print(f"[bold]done[/bold]: {r.steps} steps in {r.train_seconds:.0f} s · "
                   f"{r.trained_tokens_per_s:,.0f} tok/s · train {loss} {_fmt(r.train_loss)} · "
                   f"held-out {loss} {_fmt(r.val_loss)}")
@@ -224,6 +232,10 @@ def prune_command(
                            depth_method=depth_method)  # type: ignore[arg-type]
     r = run_prune(model, calibration, out, targets, rows=rows, seq_len=seq_len,
                   batch_size=batch_size, dtype=dtype)
+    emit(r, lambda: _print_prune(r, model))
+
+
+def _print_prune(r, model: str) -> None:
     console.print(f"[bold]done[/bold]: {r.params_before:,} → {r.params_after:,} parameters "
                   f"({100 * r.params_after / r.params_before:.0f}%) · {r.shape_before} → "
                   f"{r.shape_after} · calibration loss {r.calibration_loss_before:.3f} → "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 
 
 def report_command(
@@ -26,4 +26,5 @@ def report_command(
 
     stats = write_report(data, out, samples=samples, title=title)
     sizes = ", ".join(f"{s.name} ({s.records:,})" for s in stats)
-    console.print(f"wrote {out}: {sizes}")
+    emit({"out": out, "datasets": [{"name": s.name, "records": s.records} for s in stats]},
+         lambda: console.print(f"wrote {out}: {sizes}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -91,6 +91,10 @@ def sft_command(
     except ValidationError as e:
         raise _config_error(e) from None
     result = run_sft(cfg, resume=resume)
+    emit(result, lambda: _print_sft(result))
+
+
+def _print_sft(result) -> None:
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "–"
     train = f"{result.train_loss:.4f}" if result.train_loss is not None else "–"
     console.print(

@@ -1,0 +1,146 @@
+"""CLI conventions shared by every command: `--json` summaries, one spelling per concept,
+side files out of the data's way, one place for scores, every input format everywhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exnihilo.cli import app, common
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def cli(capsys):
+    """`exnihilo ARGS` in this process: (exit status, stdout, stderr); the module-level
+    output switches the root options set are restored afterwards."""
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            common.run_app(app, [str(a) for a in args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield invoke
+    common.set_json_output(False)
+    common.console.quiet = False
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _chat(q: str, a: str, **meta) -> dict:
+    record = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    if meta:
+        record["meta"] = meta
+    return record
+
+
+def _json_only(out: str) -> dict:
+    """stdout must be exactly one JSON object (one line), nothing else."""
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+# ---------------------------------------------------------------------------- --json
+
+
+def test_json_curate_filter(cli, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [
+        _chat("a?", "x", tags={"quality": "good"}), _chat("b?", "y", tags={"quality": "poor"}),
+        _chat("c?", "z", tags={"quality": "excellent"})])
+    out = tmp_path / "kept.jsonl"
+    code, stdout, _ = cli("--json", "curate", "filter", data, "-o", out, "--where",
+                          "quality>=good")
+    assert code == 0
+    summary = _json_only(stdout)
+    assert summary["input_records"] == 3 and summary["output_records"] == 2
+    assert summary["rules"][0]["rule"] == "quality>=good" and summary["rules"][0]["removed"] == 1
+    assert summary["out"] == str(out) and summary["results"].endswith(".results.json")
+    # without --json the same command prints its table, which is not JSON
+    code, stdout, _ = cli("curate", "filter", data, "-o", out, "--where", "quality>=good")
+    assert code == 0 and "kept 2 of 3 records" in stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+
+
+def test_json_export_data(cli, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat("a?", "x"), _chat("b?", "y")])
+    out = tmp_path / "alpaca.json"
+    code, stdout, _ = cli("--json", "export", "data", data, "-o", out, "--format", "alpaca")
+    assert code == 0
+    summary = _json_only(stdout)
+    assert summary["rows"] == 2 and summary["format"] == "alpaca"
+    assert summary["path"] == str(out)
+
+
+def test_json_synth_constraints(cli, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat(f"Write about topic {i}.", "x")
+                                               for i in range(6)])
+    out = tmp_path / "c.jsonl"
+    code, stdout, _ = cli("--json", "synth", "constraints", "--from", data, "-o", out,
+                          "--max-constraints", "2")
+    assert code == 0
+    summary = _json_only(stdout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["prompts"] == len(rows) == 6
+    assert summary["by_constraints"] == {
+        str(k): sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
+    assert summary["by_constraints"]["3"] == 0
+
+
+def test_json_eval_ifeval_responses(cli, tmp_path):
+    row = {"key": 1, "prompt": "Say hi without commas.",
+           "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    inp = _write_jsonl(tmp_path / "in.jsonl", [row, dict(row, key=2, prompt="Two?")])
+    answers = _write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": row["prompt"], "response": "hi there"},
+        {"prompt": "Two?", "response": "yes, two"}])
+    code, stdout, _ = cli("--json", "eval", "ifeval", "--responses", answers, "--input", inp,
+                          "--resamples", "100")
+    assert code == 0
+    summary = _json_only(stdout)
+    assert summary["n_prompts"] == 2
+    assert summary["strict"]["prompt_level"]["value"] == pytest.approx(0.5)
+    assert summary["by_instruction"]["punctuation:no_comma"]["n"] == 2
+
+
+def test_json_models_and_rules(cli):
+    code, stdout, _ = cli("--json", "models")
+    assert code == 0
+    names = [m["name"] for m in _json_only(stdout)["models"]]
+    assert "smollm2-135m-instruct" in names
+    code, stdout, _ = cli("--json", "curate", "rules")
+    assert code == 0 and ">=" in _json_only(stdout)["rules"]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, smol_tokenizer, tiny_llama):
+    folder = tmp_path / "tiny"
+    tiny_llama.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_json_train_sft_tiny_model(cli, tmp_path, tiny_model_dir):
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat(f"What is {i}+1?", str(i + 1))
+                                               for i in range(8)])
+    out = tmp_path / "run"
+    code, stdout, stderr = cli("--json", "train", "sft", "--data", data, "--out", out,
+                               "--model", tiny_model_dir, "--max-steps", "2", "--batch-size",
+                               "4", "--val-fraction", "0", "--max-length", "64")
+    assert code == 0, stderr
+    summary = _json_only(stdout)
+    assert summary["steps"] == 2 and summary["out"] == str(out)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 2  # train_loss is the mean of the last (up to) 10 step losses
+    assert summary["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert summary["val_loss"] is None and summary["trained_tokens_per_s"] > 0
