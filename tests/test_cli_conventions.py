@@ -144,3 +144,89 @@ def test_json_train_sft_tiny_model(cli, tmp_path, tiny_model_dir):
     assert len(losses) == 2  # train_loss is the mean of the last (up to) 10 step losses
     assert summary["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     assert summary["val_loss"] is None and summary["trained_tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- one spelling per concept
+
+
+def _leaves():
+    """(command path, click command) for every leaf of the CLI tree."""
+    import typer
+
+    def walk(command, path):
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            yield " ".join(path), command
+            return
+        for name, sub in sorted(subcommands.items()):
+            yield from walk(sub, [*path, name])
+    return list(walk(typer.main.get_command(app), []))
+
+
+LEAVES = _leaves()
+
+
+def _visible(command):
+    return [p for p in command.params if not getattr(p, "hidden", False)]
+
+
+def test_the_tree_is_walked():
+    names = [name for name, _ in LEAVES]
+    assert len(names) >= 28 and "train sft" in names and "curate tag" in names
+
+
+@pytest.mark.parametrize("name,command", LEAVES, ids=[n for n, _ in LEAVES])
+def test_one_spelling_per_concept(name, command):
+    for p in _visible(command):
+        opts = set(p.opts)
+        if p.name in ("out", "workdir") or "--out" in opts:  # the output: -o/--out
+            assert {"-o", "--out"} <= opts, (name, p.opts)
+        if p.name == "model" and p.param_type_name == "option":
+            assert {"-m", "--model"} <= opts, (name, p.opts)
+        if p.name in ("judge", "judge_model"):  # the judge: -j/--judge, never -m
+            assert {"-j", "--judge"} <= opts and "-m" not in opts, (name, p.opts)
+        # the data a command reads is positional, never --data / --prompts / --from
+        # (`train pretrain --from MODEL` names the model to continue, not data)
+        data_spellings = {"--data", "-d", "--prompts", "--judge-model", "--workdir"}
+        if p.name != "from_model":
+            data_spellings.add("--from")
+        assert not opts & data_spellings, (name, p.opts)
+        if p.name in ("data", "prompts", "source", "file", "paths"):
+            assert p.param_type_name == "argument", (name, p.name)
+    outputs = [p for p in command.params if p.name in ("out", "workdir")]
+    assert len(outputs) <= 1, name
+
+
+@pytest.mark.parametrize("name,command", LEAVES, ids=[n for n, _ in LEAVES])
+def test_old_spellings_are_hidden_and_not_in_config_files(name, command):
+    """Deprecated spellings never show in --help, so `--print-config` leaves them out too."""
+    from exnihilo.cli.config import to_default_map
+
+    for p in command.params:
+        if getattr(p, "hidden", False):
+            with pytest.raises(Exception, match="has no option"):
+                to_default_map({p.name: "x"}, command, "c.yaml", f"{name} ")
+
+
+def test_old_spelling_still_works_with_a_note(cli, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat(f"Write about topic {i}.", "x")
+                                               for i in range(4)])
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    assert cli("synth", "constraints", data, "-o", new)[0] == 0
+    code, _, stderr = cli("synth", "constraints", "--from", data, "-o", old)
+    assert code == 0 and "--from is deprecated" in stderr
+    assert old.read_text() == new.read_text()
+    code, _, stderr = cli("synth", "constraints", data, "--from", data, "-o", old)
+    assert code == 2 and "given twice" in stderr
+    code, _, stderr = cli("synth", "constraints", "-o", old)
+    assert code == 2 and "missing argument DATA" in stderr
+
+
+def test_curate_tag_judge_short_flag(cli, tmp_path):
+    """-j is the judge everywhere; curate tag's old -m still names the judge (deprecated)."""
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat("a?", "x")])
+    for flag in ("-j", "-m"):
+        code, stdout, _ = cli("--print-config", "curate", "tag", data, "-o",
+                              tmp_path / "t.jsonl", flag, "some-judge")
+        assert code == 0
+        assert ("judge: some-judge" in stdout) == (flag == "-j"), stdout

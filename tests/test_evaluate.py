@@ -563,7 +563,7 @@ def test_cli_bad_input_fails_in_one_line_before_loading_a_model(tmp_path):
                                                        str(other)))
 
     out = tmp_path / "out.jsonl"
-    line = one_error_line(run_cli("generate", "--data", str(tmp_path / "absent.json"),
+    line = one_error_line(run_cli("generate", str(tmp_path / "absent.json"),
                                   "-o", str(out)))
     assert "absent.json: no such file" in line and not out.exists()
 

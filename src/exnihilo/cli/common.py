@@ -152,6 +152,45 @@ def dtype_option() -> Any:
     return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
 
 
+# One spelling per concept (checked over the whole command tree by a test):
+# the data a command reads is its first positional argument; -o/--out names its output;
+# -m/--model the model it runs or trains; -j/--judge the model that judges. Old spellings
+# stay working as hidden options (`deprecated_option`), so existing scripts keep running.
+
+
+def input_argument(help: str, metavar: str = "DATA") -> Any:
+    """The data a command reads, given positionally (optional here so that the deprecated
+    option spelling can stand in; `pick_input` makes exactly one of them required)."""
+    return typer.Argument(None, help=help, metavar=metavar, show_default=False)
+
+
+def deprecated_option(*names: str) -> Any:
+    """An old spelling of an option or argument, still accepted, hidden from --help."""
+    return typer.Option(None, *names, hidden=True)
+
+
+def pick_input(value: Any, old: Any, name: str, old_name: str) -> Any:
+    """The positional `value` or its deprecated spelling `old`: exactly one must be given;
+    the old one works with a note on stderr."""
+    if value is not None and old is not None:
+        raise ExnihiloError(f"{name} given twice: positionally and as {old_name}; give it once")
+    if value is None and old is None:
+        raise ExnihiloError(f"missing argument {name} (see --help)")
+    if old is not None:
+        deprecated(old_name, f"give {name} as the first argument")
+        return old
+    return value
+
+
+def deprecated(old_name: str, instead: str) -> None:
+    """A one-line note that an old spelling was used (quiet under --quiet and --json)."""
+    import os
+
+    if not os.environ.get("EXNIHILO_QUIET") and not JSON_OUTPUT:
+        err_console.print(f"note: {old_name} is deprecated: {instead}", style="dim",
+                          highlight=False)
+
+
 def models_command() -> None:
     """List the models exnihilo can use right now, and where each comes from."""
     from exnihilo.models import cache_dir, list_models

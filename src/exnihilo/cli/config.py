@@ -110,7 +110,8 @@ def print_instead(command: Any, path: list[str]) -> None:
     objects are built afresh for each invocation by typer, so this changes only this run."""
     subcommands = getattr(command, "commands", None)
     if subcommands is None:
-        command.callback = _printer(path, [p.name for p in command.params if p.name])
+        command.callback = _printer(path, [p.name for p in command.params
+                                           if p.name and not getattr(p, "hidden", False)])
         return
     for name, sub in subcommands.items():
         print_instead(sub, [*path, name])

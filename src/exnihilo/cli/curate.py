@@ -15,6 +15,8 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated,
+    deprecated_option,
     dtype_option,
     emit,
     engine_option,
@@ -56,7 +58,7 @@ def _results(out: Path, command: str, metrics: Any, data: Path, prompt: str | No
 def tag_command(
     data: Path = typer.Argument(..., help="Input records (JSONL, Alpaca or ShareGPT)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output JSONL (appended; rerun to resume)."),
-    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-m", help=MODEL_HELP),
+    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-j", help=MODEL_HELP),
     engine: str = engine_option(),
     base_url: list[str] = base_url_option(),
     concurrency: int = concurrency_option(),
@@ -73,6 +75,7 @@ def tag_command(
                                   "judge); logprob: each tag is the label the judge finds most "
                                   "likely, never unreadable (local engine or a server with "
                                   "top_logprobs)."),
+    judge_m: str = deprecated_option("-m"),
 ) -> None:
     """Tag quality, difficulty and task category with any model as the judge.
 
@@ -84,6 +87,9 @@ def tag_command(
     from exnihilo.outputs import check_output
     from exnihilo.resume import check_resumable
 
+    if judge_m is not None:
+        deprecated("-m", "the judge is -j/--judge")
+        judge = judge_m
     if mode not in MODES:
         raise ExnihiloError(f"--mode {mode!r}: known {', '.join(MODES)}")
     check_engine(engine, base_url, dtype)

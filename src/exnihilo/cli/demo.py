@@ -8,11 +8,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from exnihilo.cli.common import console, emit
+from exnihilo.cli.common import console, deprecated_option, emit
 
 
 def demo_command(
-    workdir: Path = typer.Option(Path("data/demo"), "--workdir",
+    workdir: Path = typer.Option(Path("data/demo"), "-o", "--out",
                                  help="Where the demo writes its files (a rerun reuses them)."),
     n: int = typer.Option(24, "-n", help="Magpie pairs to synthesize."),
     epochs: int = typer.Option(2, "--epochs", help="LoRA SFT epochs over the Magpie pairs."),
@@ -23,12 +23,18 @@ def demo_command(
     ifeval_limit: int = typer.Option(24, "--ifeval-limit", min=1,
                                      help="The first N IFEval prompts, answered by both "
                                           "models and checked by code."),
+    workdir_option: Path = deprecated_option("--workdir"),
 ) -> None:
     """The whole loop on the embedded SmolLM2-135M-Instruct: Magpie synthesis from nothing →
     LoRA SFT → base and tuned answer held-out ch07 and IFEval prompts → instructions followed
     (checked by code), reference perplexity and judge score, with intervals and the paired
     differences."""
+    from exnihilo.cli.common import deprecated
     from exnihilo.demo import DemoConfig, run_demo
+
+    if workdir_option is not None:
+        deprecated("--workdir", "use -o/--out")
+        workdir = workdir_option
 
     console.rule(Text("exnihilo demo on smollm2-135m-instruct", style="bold"))
     result = run_demo(DemoConfig(workdir=workdir, n=n, epochs=epochs, eval_limit=eval_limit,

@@ -15,10 +15,13 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
     emit,
     engine_option,
     err_console,
+    input_argument,
+    pick_input,
 )
 
 app = typer.Typer(help="Evaluate answers: judge scores (0-100), pairwise win rate, perplexity, "
@@ -259,9 +262,8 @@ def pairwise_command(
 
 @app.command("perplexity")
 def perplexity_command(
-    data: Path = typer.Option(..., "--data", "-d",
-                              help="Eval set with reference answers (our JSONL, Alpaca, "
-                                   "ShareGPT)."),
+    data: Path = input_argument("Eval set with reference answers (our JSONL, Alpaca, "
+                                "ShareGPT)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
     limit: int = typer.Option(None, "--limit", "-n", help="Use the first N prompts."),
     offset: int = typer.Option(0, "--offset", help="Skip the first K prompts."),
@@ -273,6 +275,7 @@ def perplexity_command(
     max_length: int = typer.Option(2048, "--max-length", min=2,
                                    help="Skip (and count) longer prompt+answer pairs."),
     out: Path = typer.Option(None, "-o", "--out", help="Per-record NLL JSONL (optional)."),
+    data_option: Path = deprecated_option("--data", "-d"),
 ) -> None:
     """Perplexity of the reference answers given their prompts (no judge needed).
 
@@ -282,6 +285,7 @@ def perplexity_command(
     from exnihilo.outputs import check_output
     from exnihilo.records import write_jsonl_atomic
 
+    data = pick_input(data, data_option, "DATA", "--data")
     check_engine("transformers", None, dtype)
     if out is not None:
         check_output(out, [data])

@@ -13,15 +13,17 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
     emit,
     engine_option,
+    input_argument,
+    pick_input,
 )
 
 
 def generate_command(
-    data: Path = typer.Option(..., "--data", "-d",
-                              help="Eval set: our JSONL, Alpaca JSON/JSONL or ShareGPT."),
+    data: Path = input_argument("Eval set: our JSONL, Alpaca JSON/JSONL or ShareGPT."),
     out: Path = typer.Option(..., "-o", "--out",
                              help="Output JSONL (appended as it goes; rerun to resume)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
@@ -45,6 +47,7 @@ def generate_command(
         None, "--draft-model", help="Speculative decoding with this small draft model (same "
         "tokenizer; local engine, one prompt at a time): the output keeps the model's own "
         "distribution, greedy output is token-identical."),
+    data_option: Path = deprecated_option("--data", "-d"),
 ) -> None:
     """Answer every prompt of an eval set with one model, batched and resumable.
 
@@ -62,6 +65,7 @@ def generate_command(
     )
     from exnihilo.resume import check_resumable
 
+    data = pick_input(data, data_option, "DATA", "--data")
     check_engine(engine, base_url, dtype)
     check_resumable(out, "generate", None, inputs=[data])  # input clash, lock, torn file
     records = load_eval_set(data, limit=limit, offset=offset)  # fail before loading a model

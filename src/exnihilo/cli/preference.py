@@ -14,9 +14,12 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
     emit,
     engine_option,
+    input_argument,
+    pick_input,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -36,12 +39,12 @@ def _threads(threads: int | None) -> None:
 
 
 def dpo_command(
-    data: str = typer.Option(..., "--data", help="Preference pairs: our records (messages + "
-                             "chosen + rejected), TRL's prompt/chosen/rejected (strings or "
-                             "conversations) or instruction/input/chosen/rejected JSON."),
-    out: str = typer.Option(..., "--out", help="Output folder: becomes a plain Hugging Face "
-                            "model folder plus metrics.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Starting model (and, with "
+    data: str = input_argument("Preference pairs: our records (messages + chosen + "
+                               "rejected), TRL's prompt/chosen/rejected (strings or "
+                               "conversations) or instruction/input/chosen/rejected JSON."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: becomes a plain Hugging "
+                            "Face model folder plus metrics.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Starting model (and, with "
                               "LoRA, the reference: the adapter disabled)."),
     loss: str = typer.Option("sigmoid", "--loss", help="sigmoid (DPO), ipo, hinge, robust, "
                              "simpo, sft, or a weighted sum such as sigmoid+0.5*sft."),
@@ -88,10 +91,12 @@ def dpo_command(
     dtype: str = typer.Option("float32", "--dtype"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """Preference optimization: DPO, IPO, SimPO … on pairs (LoRA by default)."""
     from exnihilo.train.dpo import DPOConfig, run_dpo
 
+    data = pick_input(data, data_option, "DATA", "--data")
     try:
         cfg = DPOConfig(
             data=data, out=out, model=model, loss=loss, beta=beta, gamma=gamma,
@@ -125,23 +130,23 @@ def _print_dpo(result, out: str) -> None:
 
 
 def synth_pairs_command(
-    prompts: str = typer.Option(..., "--prompts", help="Prompts: any records (a trailing "
-                                "answer is ignored), or IFEval-format rows from `synth "
-                                "constraints`."),
+    prompts: str = input_argument("Prompts: any records (a trailing answer is ignored), or "
+                                  "IFEval-format rows from `synth constraints`.",
+                                  metavar="PROMPTS"),
     out: str = typer.Option(..., "-o", "--out", help="Output JSONL of preference records "
                             "(samples and scores kept in meta); <out>.samples.jsonl holds "
                             "progress, so rerunning resumes."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The model that samples."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="The model that samples."),
     n: int = typer.Option(8, "-n", help="Samples per prompt."),
     scorer: str = typer.Option("ifeval", "--scorer", help="ifeval (checkers on the prompt's "
                                "constraints), implicit (DPO reward of --model vs "
-                               "--reference), judge (--judge-model rates 1-10) or reward "
+                               "--reference), judge (--judge rates 1-10) or reward "
                                "(--reward-model, a sequence-classification model)."),
     reward_model: str | None = typer.Option(None, "--reward-model", help="reward: e.g. a "
                                             "`train reward` run."),
     reference: str | None = typer.Option(None, "--reference", help="implicit: the reference "
                                          "model the policy was trained against."),
-    judge_model: str | None = typer.Option(None, "--judge-model", help="judge: the rating "
+    judge_model: str | None = typer.Option(None, "-j", "--judge", help="judge: the rating "
                                            "model (same --engine)."),
     style: str = typer.Option("chat", "--style", help="implicit: the prompt style the policy "
                               "was trained with."),
@@ -163,12 +168,19 @@ def synth_pairs_command(
     dtype: str = dtype_option(),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per generate call."),
     threads: int | None = typer.Option(None, "--threads"),
+    prompts_option: str = deprecated_option("--prompts"),
+    judge_model_option: str = deprecated_option("--judge-model"),
 ) -> None:
     """Preference pairs from a model's own samples: best vs worst by a scorer, with DICE's
     length-regularized choice."""
+    from exnihilo.cli.common import deprecated
     from exnihilo.records import read_any
     from exnihilo.synth.preference import PairsConfig, synthesize_pairs
 
+    prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
+    if judge_model_option is not None:
+        deprecated("--judge-model", "use -j/--judge")
+        judge_model = judge_model or judge_model_option
     if scorer not in ("ifeval", "implicit", "judge", "reward"):
         raise ExnihiloError(f"--scorer {scorer!r}: known scorers are ifeval, implicit, judge, "
                             f"reward")
@@ -177,7 +189,7 @@ def synth_pairs_command(
     if scorer == "implicit" and not reference:
         raise ExnihiloError("--scorer implicit needs --reference (the policy's reference)")
     if scorer == "judge" and not judge_model:
-        raise ExnihiloError("--scorer judge needs --judge-model")
+        raise ExnihiloError("--scorer judge needs --judge")
     records = read_any(prompts)[:limit] if limit else read_any(prompts)
     if not records:
         raise ExnihiloError(f"{prompts}: no prompts")
@@ -227,8 +239,8 @@ def make_scorer(kind: str, model: str, reference: str | None, judge_model: str |
 
 
 def synth_constraints_command(
-    source: str = typer.Option(..., "--from", help="Instructions: any records (Magpie "
-                               "output, Alpaca, …); the first user message is used."),
+    source: str = input_argument("Instructions: any records (Magpie output, Alpaca, …); the "
+                                 "first user message is used."),
     out: str = typer.Option(..., "-o", "--out", help="Output JSONL in IFEval's input format "
                             "(prompt, instruction_id_list, kwargs)."),
     seed: int = typer.Option(0, "--seed"),
@@ -236,12 +248,14 @@ def synth_constraints_command(
                                         "per prompt."),
     eval_set: str | None = typer.Option(None, "--eval-set", help="IFEval's input_data.jsonl: "
                                         "instructions overlapping its prompts are dropped."),
+    source_option: str = deprecated_option("--from"),
 ) -> None:
     """IFEval-style constraint prompts (never the evaluation prompts) for `synth pairs
     --scorer ifeval`."""
     from exnihilo.records import read_any, write_jsonl_atomic
     from exnihilo.synth.constraints import make_constraint_prompts
 
+    source = pick_input(source, source_option, "DATA", "--from")
     rows, dropped = make_constraint_prompts(read_any(source), seed, max_constraints, eval_set)
     write_jsonl_atomic(out, rows)
     counts = {k: sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
@@ -253,10 +267,10 @@ def synth_constraints_command(
 
 
 def dice_command(
-    model: str = typer.Option(..., "--model", help="π_0: a DPO'd model folder (e.g. a "
+    prompts: str = input_argument("Prompts to sample (any records).", metavar="PROMPTS"),
+    model: str = typer.Option(..., "-m", "--model", help="π_0: a DPO'd model folder (e.g. a "
                               "`train dpo` run)."),
-    prompts: str = typer.Option(..., "--prompts", help="Prompts to sample (any records)."),
-    out: str = typer.Option(..., "--out", help="Output folder: iter-t/ per iteration "
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: iter-t/ per iteration "
                             "(pairs, mix, model, manifest.json)."),
     reference: str | None = typer.Option(None, "--reference", help="π_0's reference; "
                                          "default: the base model its run recorded."),
@@ -278,11 +292,13 @@ def dice_command(
     seed: int = typer.Option(0, "--seed"),
     dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads"),
+    prompts_option: str = deprecated_option("--prompts"),
 ) -> None:
     """DICE: iterate DPO on pairs the model ranks with its own implicit reward; rerun the
     same command to resume at any stage."""
     from exnihilo.train.dice import DiceConfig, run_dice
 
+    prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
     dpo = {"beta": beta, "epochs": epochs, "batch_size": batch_size, "dtype": dtype}
     if lr is not None:
         dpo["lr"] = lr
@@ -309,10 +325,11 @@ def dice_command(
 
 
 def reward_command(
-    data: str = typer.Option(..., "--data", help="Preference pairs (any supported format)."),
-    out: str = typer.Option(..., "--out", help="Output folder: a sequence-classification "
+    data: str = input_argument("Preference pairs (any supported format)."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: a sequence-classification "
                             "model (one scalar) plus metrics.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The causal LM under the head."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model",
+                              help="The causal LM under the head."),
     style: str = typer.Option("chat", "--style"),
     full: bool = typer.Option(False, "--full", help="Train every weight instead of LoRA."),
     epochs: int = typer.Option(1, "--epochs"),
@@ -330,10 +347,12 @@ def reward_command(
     max_steps: int | None = typer.Option(None, "--max-steps"),
     dtype: str = typer.Option("float32", "--dtype"),
     threads: int | None = typer.Option(None, "--threads"),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """A Bradley–Terry reward model: a scalar head on a causal LM, trained on pairs."""
     from exnihilo.train.reward import RewardConfig, run_reward
 
+    data = pick_input(data, data_option, "DATA", "--data")
     try:
         cfg = RewardConfig(data=data, out=out, model=model, style=style, full=full,
                            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

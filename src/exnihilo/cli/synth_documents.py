@@ -54,7 +54,7 @@ def documents_command(
     no_demo: bool = typer.Option(False, "--no-demo",
                                  help="joint: no built-in demonstration when a chunk has "
                                       "no earlier example."),
-    judge: str = typer.Option(None, "--judge", help="Model that checks each answer against "
+    judge: str = typer.Option(None, "-j", "--judge", help="Model that checks each answer against "
                                                     "its chunk (meta.tags.grounded)."),
     no_grounding: bool = typer.Option(False, "--no-grounding",
                                       help="Skip the grounding check even with --judge."),
