@@ -230,3 +230,127 @@ def test_curate_tag_judge_short_flag(cli, tmp_path):
                               tmp_path / "t.jsonl", flag, "some-judge")
         assert code == 0
         assert ("judge: some-judge" in stdout) == (flag == "-j"), stdout
+
+
+# ------------------------------------------------------------------ side files in .exnihilo/
+
+
+def _load_folder(folder, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="datasets not installed (exnihilo[hub])")
+    return datasets.load_dataset("json", data_dir=str(folder), split="train",
+                                 cache_dir=str(tmp_path / "hf-cache"))
+
+
+def _lines(path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def _side_files(folder) -> list[str]:
+    return sorted(p.name for p in (folder / ".exnihilo").iterdir())
+
+
+def test_side_path_layout(tmp_path):
+    from exnihilo.outputs import legacy_side_path, side_file, side_path
+
+    out = tmp_path / "d" / "m.jsonl"
+    assert side_path(out, "skipped.jsonl") == tmp_path / "d" / ".exnihilo" / "m.jsonl.skipped.jsonl"
+    assert legacy_side_path(out, "skipped.jsonl") == tmp_path / "d" / "m.jsonl.skipped.jsonl"
+    assert side_file(out, "x.json") == side_path(out, "x.json")
+    assert not (tmp_path / "d").exists()  # no folder until something is written
+    out.parent.mkdir()
+    legacy_side_path(out, "x.json").write_text("{}")
+    assert side_file(out, "x.json").read_text() == "{}"  # an old run's file is moved in
+    assert not legacy_side_path(out, "x.json").exists()
+
+
+def test_every_writer_leaves_only_data_for_load_dataset(tmp_path, smol_tokenizer, cli):
+    """Each writer in its own folder: `load_dataset("json", data_dir=…)` returns exactly the
+    output's rows, while the side files (skip log, chunk log, samples, summaries, settings,
+    results) sit in `.exnihilo/`."""
+    from tests.helpers import ScriptedEngine
+    from tests.test_documents import FakeEngine, _chunks, _config
+    from tests.test_magpie import ScriptedEngine as MagpieEngine
+    from tests.test_magpie import config
+    from tests.test_synth_preference import LengthScorer, prompts
+    from tests.test_synth_preference import ScriptedEngine as PairsEngine
+
+    from exnihilo.curate.tags import tag_file
+    from exnihilo.synth import documents as D
+    from exnihilo.synth.magpie import synthesize
+    from exnihilo.synth.preference import PairsConfig, synthesize_pairs
+
+    magpie = tmp_path / "magpie" / "m.jsonl"
+    magpie.parent.mkdir()
+    synthesize(MagpieEngine(), smol_tokenizer, config(6), magpie)
+    assert {"m.jsonl.skipped.jsonl", "m.jsonl.summary.json", "m.jsonl.settings.json"} <= set(
+        _side_files(magpie.parent))
+
+    tagged = tmp_path / "tagged" / "t.jsonl"
+    tags = json.dumps({"quality": "good", "difficulty": "easy", "category": "math"})
+    tag_file(magpie, tagged, ScriptedEngine(lambda _: tags))
+    kept = tmp_path / "kept" / "k.jsonl"
+    code, _, stderr = cli("curate", "filter", tagged, "-o", kept, "--where", "quality>=good")
+    assert code == 0, stderr
+    assert "k.jsonl.results.json" in _side_files(kept.parent)
+
+    pairs = tmp_path / "pairs" / "p.jsonl"
+    synthesize_pairs(PairsEngine(), LengthScorer(), prompts(), PairsConfig(
+        n=4, min_valid=2, prompts_per_call=2, seed=3, alpha_step=1e-3), pairs)
+    assert {"p.jsonl.samples.jsonl", "p.jsonl.summary.json"} <= set(_side_files(pairs.parent))
+
+    docs = tmp_path / "docs" / "d.jsonl"
+    D.synthesize_documents(FakeEngine(), smol_tokenizer, _chunks(4), _config(), docs)
+    assert "d.jsonl.chunks.jsonl" in _side_files(docs.parent)
+
+    for out in (magpie, tagged, kept, pairs, docs):
+        assert _lines(out) > 0
+        assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == \
+            [out.name], out
+        assert len(_load_folder(out.parent, tmp_path)) == _lines(out), out
+
+
+def _to_old_layout(folder) -> None:
+    """Put a run's side files where runs before `.exnihilo/` kept them."""
+    side = folder / ".exnihilo"
+    for p in side.iterdir():
+        if not p.name.startswith("."):  # (lock files go away with their run)
+            p.rename(folder / p.name)
+    for p in side.iterdir():
+        p.unlink()
+    side.rmdir()
+
+
+def test_resume_from_an_old_layout_folder(tmp_path, smol_tokenizer):
+    from tests.test_documents import FakeEngine, _chunks, _config
+    from tests.test_magpie import ScriptedEngine as MagpieEngine
+    from tests.test_magpie import config
+
+    from exnihilo.synth import documents as D
+    from exnihilo.synth.magpie import synthesize
+
+    whole = tmp_path / "whole" / "m.jsonl"
+    whole.parent.mkdir()
+    synthesize(MagpieEngine(), smol_tokenizer, config(12), whole)
+    part = tmp_path / "part" / "m.jsonl"
+    part.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(MagpieEngine(die_after=3), smol_tokenizer, config(12), part)
+    _to_old_layout(part.parent)
+    assert (part.parent / "m.jsonl.skipped.jsonl").exists()
+    summary = synthesize(MagpieEngine(), smol_tokenizer, config(12), part)
+    assert summary["already_present"] > 0
+    assert part.read_text() == whole.read_text()  # the old skip log was honoured
+    assert sorted(p.name for p in part.parent.iterdir()) == [".exnihilo", "m.jsonl"]
+
+    # documents refuse to resume without their chunk log: the old one must be found
+    docs = tmp_path / "docs" / "d.jsonl"
+    with pytest.raises(RuntimeError):
+        D.synthesize_documents(FakeEngine(fail_after=1), smol_tokenizer, _chunks(5), _config(),
+                               docs)
+    written = _lines(docs)
+    assert written > 0
+    _to_old_layout(docs.parent)
+    engine = FakeEngine()
+    summary = D.synthesize_documents(engine, smol_tokenizer, _chunks(5), _config(), docs)
+    assert summary["chunks_done_before"] == 2 and summary["chunks_this_run"] == 3
+    assert (docs.parent / ".exnihilo" / "d.jsonl.chunks.jsonl").exists()

@@ -458,6 +458,7 @@ class JsonlAppender:
     def append(self, record: Record) -> None:
         try:
             if self._f is None:
+                outputs.make_side_dir(self.path)
                 self._f = self.path.open("a", encoding="utf-8")
             self._f.write(dumps(record) + "\n")
             self._f.flush()

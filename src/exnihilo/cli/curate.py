@@ -43,7 +43,7 @@ def _counter_table(title: str, counts: dict[str, Counter], total: int) -> Table:
 
 def _results(out: Path, command: str, metrics: Any, data: Path, prompt: str | None = None,
              judge: str | None = None, engine: str | None = None) -> Path:
-    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+    """`.exnihilo/<OUT>.results.json`: config, versions, template hashes and the summary."""
     from exnihilo.results import model_template_hash, prompt_hash, write_results
 
     templates = {}

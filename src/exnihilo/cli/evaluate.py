@@ -97,7 +97,7 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
 
 def _results(out: Path, command: str, metrics: Any, inputs: list[Path], prompt: str | None,
              models: list[str], engine: str) -> Path:
-    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+    """`.exnihilo/<OUT>.results.json`: config, versions, template hashes and the summary."""
     from exnihilo.results import model_template_hash, prompt_hash, write_results
 
     templates: dict[str, str | None] = {f"{prompt}_prompt": prompt_hash(prompt)} if prompt \

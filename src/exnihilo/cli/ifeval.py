@@ -151,7 +151,8 @@ def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
 
 def _write_results(out: Path, summary: dict[str, Any], input_path: Path,
                    responses: Path | None, model: str | None, engine: str) -> Path:
-    """`<OUT>.results.json`: config, versions, the model's chat template hash, the summary."""
+    """`.exnihilo/<OUT>.results.json`: config, versions, the model's chat template hash and
+    the summary."""
     from exnihilo.results import model_template_hash, write_results
 
     templates = {f"chat_template:{model}": model_template_hash(model)

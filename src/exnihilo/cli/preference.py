@@ -134,8 +134,8 @@ def synth_pairs_command(
                                   "IFEval-format rows from `synth constraints`.",
                                   metavar="PROMPTS"),
     out: str = typer.Option(..., "-o", "--out", help="Output JSONL of preference records "
-                            "(samples and scores kept in meta); <out>.samples.jsonl holds "
-                            "progress, so rerunning resumes."),
+                            "(samples and scores kept in meta); .exnihilo/<out>.samples.jsonl "
+                            "holds progress, so rerunning resumes."),
     model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="The model that samples."),
     n: int = typer.Option(8, "-n", help="Samples per prompt."),
     scorer: str = typer.Option("ifeval", "--scorer", help="ifeval (checkers on the prompt's "
@@ -175,7 +175,7 @@ def synth_pairs_command(
     length-regularized choice."""
     from exnihilo.cli.common import deprecated
     from exnihilo.records import read_any
-    from exnihilo.synth.preference import PairsConfig, synthesize_pairs
+    from exnihilo.synth.preference import PairsConfig, summary_path, synthesize_pairs
 
     prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
     if judge_model_option is not None:
@@ -210,7 +210,7 @@ def synth_pairs_command(
             f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
             f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
             f"{summary.mean_rejected_score:.3f}")
-        console.print(f"pairs: {out}  (summary: {out}.summary.json)")
+        console.print(f"pairs: {out}  (summary: {summary_path(Path(out))})")
     emit(summary, show)
 
 
