@@ -354,3 +354,57 @@ def test_resume_from_an_old_layout_folder(tmp_path, smol_tokenizer):
     summary = D.synthesize_documents(engine, smol_tokenizer, _chunks(5), _config(), docs)
     assert summary["chunks_done_before"] == 2 and summary["chunks_this_run"] == 3
     assert (docs.parent / ".exnihilo" / "d.jsonl.chunks.jsonl").exists()
+
+
+# ----------------------------------------------------------------------- one place for scores
+
+
+def _judged(tmp_path, old_layout: bool):
+    """Three generated answers judged 20, 60, 90 (and one unreadable verdict) by a scripted
+    judge; `old_layout` rewrites the file as judged files were before scores had one place."""
+    from tests.helpers import ScriptedEngine
+
+    from exnihilo.evaluate import judge_scores
+
+    scores = {"a": "20", "b": "60", "c": "90", "d": "no idea"}
+    records = [{"id": k, "messages": [{"role": "user", "content": f"q{k}"},
+                                      {"role": "assistant", "content": k}],
+                "meta": {"reference": "r", "tags": {"quality": "good"}}} for k in scores]
+    judge = ScriptedEngine(lambda prompt: next(v for k, v in scores.items()
+                                               if f"\n{k}\n" in prompt))
+    judged = judge_scores(judge, records)
+    if old_layout:
+        for r in judged:
+            r["meta"]["judge"]["score"] = r["meta"]["tags"].pop("score")
+    return _write_jsonl(tmp_path / f"judged-{old_layout}.jsonl", judged), judged
+
+
+def test_judge_writes_the_score_where_filter_and_report_read_it(tmp_path, cli):
+    from exnihilo.fields import score_of
+    from exnihilo.records import read_any
+    from exnihilo.report.html import dataset_stats
+
+    path, judged = _judged(tmp_path, old_layout=False)
+    assert [r["meta"]["tags"]["score"] for r in judged] == [20.0, 60.0, 90.0, None]
+    assert all("score" not in r["meta"]["judge"] for r in judged)  # one place only
+    assert [r["meta"]["tags"]["quality"] for r in judged] == ["good"] * 4  # tags kept
+    for old_layout in (False, True):
+        path, _ = _judged(tmp_path, old_layout)
+        records = read_any(path)
+        assert [score_of(r) for r in records] == [20.0, 60.0, 90.0, None]
+        kept = tmp_path / f"kept-{old_layout}.jsonl"
+        code, stdout, stderr = cli("--json", "curate", "filter", path, "-o", kept, "--where",
+                                   "score>=50", "--missing", "drop")
+        assert code == 0, stderr
+        assert [r["id"] for r in read_any(kept)] == ["b", "c"]
+        summary = json.loads(stdout)
+        assert summary["rules"][0]["null"] == 1  # the unreadable verdict: a null score
+        assert dataset_stats("judged", records).score == [20.0, 60.0, 90.0]
+
+
+def test_a_new_answer_drops_the_old_verdict():
+    from exnihilo.fields import drop_verdict
+
+    meta = {"judge": {"raw": "x"}, "tags": {"score": 50, "quality": "good"}, "seed": 1}
+    assert drop_verdict(meta) == {"tags": {"quality": "good"}, "seed": 1}
+    assert meta["tags"]["score"] == 50  # the input is not changed

@@ -39,6 +39,7 @@ from exnihilo.evaluate.judging import (
     pairwise_summary,
 )
 from exnihilo.evaluate.stats import cohen_kappa, krippendorff_alpha_interval, spearman
+from exnihilo.fields import score_of
 from exnihilo.records import Record
 
 JudgeFactory = Callable[[], Engine]
@@ -94,7 +95,7 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
                 mode: str = "generate") -> tuple[list[Record], dict[str, Any]]:
     """Score `records` with every judge (each resumable in `judge_file(out, judge)`), pool.
 
-    Returns pooled records (meta["judge"] = {"judge": "panel", "score": mean,
+    Returns pooled records (meta.tags.score = the mean, meta["judge"] = {"judge": "panel",
     "scores": {judge: score}}) and a summary: per-judge summaries (or failures), pooled
     summary, agreement.
     """
@@ -111,7 +112,7 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
             continue
         if name in per_judge:
             raise ExnihiloError(f"judge {name} is listed twice in the panel")
-        per_judge[name] = [r["meta"]["judge"]["score"] for r in results]
+        per_judge[name] = [score_of(r) for r in results]
         judges_out.append(judge_summary(results))
     if not per_judge:
         raise ExnihiloError("every judge of the panel failed: " + "; ".join(
@@ -120,7 +121,8 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
     pooled_records = []
     for i, record in enumerate(records):
         meta = dict(record.get("meta") or {})
-        meta["judge"] = {"judge": "panel", "mode": mode, "score": pooled[i],
+        meta["tags"] = {**(meta.get("tags") or {}), "score": pooled[i]}
+        meta["judge"] = {"judge": "panel", "mode": mode,
                          "scores": {name: scores[i] for name, scores in per_judge.items()}}
         pooled_records.append({**record, "meta": meta})
     scored = [s for s in pooled if s is not None]

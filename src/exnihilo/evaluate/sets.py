@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from exnihilo.errors import ExnihiloError
+from exnihilo.fields import drop_verdict
 from exnihilo.records import (
     Record,
     content_id,
@@ -129,8 +130,8 @@ def load_eval_set(path: str | Path, limit: int | None = None, offset: int = 0
         if pid in seen:
             continue
         seen.add(pid)
-        meta = {k: v for k, v in (source.get("meta") or {}).items()
-                if k not in ("reference", "prompt_id", "judge")}
+        meta = {k: v for k, v in drop_verdict(source.get("meta") or {}).items()
+                if k not in ("reference", "prompt_id")}
         meta.update(prompt_id=pid, reference=reference, source_id=source["id"])
         records.append({"id": pid, "messages": prompt, "meta": meta})
     records = records[offset:]
