@@ -408,3 +408,85 @@ def test_a_new_answer_drops_the_old_verdict():
     meta = {"judge": {"raw": "x"}, "tags": {"score": 50, "quality": "good"}, "seed": 1}
     assert drop_verdict(meta) == {"tags": {"quality": "good"}, "seed": 1}
     assert meta["tags"]["score"] == 50  # the input is not changed
+
+
+# -------------------------------------------------------------- hf: and parquet everywhere
+
+QA = [(f"What is {i} plus {i}?", f"{2 * i}.") for i in range(6)]
+
+
+def _parquet(path, rows):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (exnihilo[parquet])")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A temporary Hugging Face cache holding org/sft (prompt/completion, train + test) and
+    org/pairs (TRL preference rows)."""
+    from tests.test_ecosystem_data import fake_snapshot
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    line = json.dumps
+    sft = fake_snapshot(tmp_path / "hub", "dataset", "org/sft", {
+        "data/train-00000-of-00001.jsonl": "".join(
+            line({"prompt": q, "completion": a}) + "\n" for q, a in QA),
+        "data/test-00000-of-00001.jsonl": line({"prompt": "Q?", "completion": "A."}) + "\n"})
+    fake_snapshot(tmp_path / "hub", "dataset", "org/pairs", {
+        "train.jsonl": "".join(line({"prompt": q, "chosen": a, "rejected": "no idea"}) + "\n"
+                               for q, a in QA)})
+    return sft
+
+
+def test_source_sha256_of_a_cached_dataset_follows_its_files(hub):
+    from exnihilo.records import source_sha256
+
+    first = source_sha256("hf:org/sft")
+    assert first == source_sha256("hf:org/sft:train") != source_sha256("hf:org/sft:test")
+    (hub / "data" / "train-00000-of-00001.jsonl").write_text(
+        json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    assert source_sha256("hf:org/sft") != first
+    with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+        source_sha256("hf:org/absent")
+
+
+def test_train_sft_from_the_hub_cache(hub, cli, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    code, stdout, stderr = cli("--json", "train", "sft", "hf:org/sft", "-o", out, "-m",
+                               tiny_model_dir, "--max-steps", "1", "--batch-size", "2",
+                               "--val-fraction", "0", "--max-length", "64")
+    assert code == 0, stderr
+    assert json.loads(stdout)["steps"] == 1
+    from exnihilo.records import source_sha256
+
+    config = json.loads((out / "run_config.json").read_text())
+    assert source_sha256("hf:org/sft") in json.dumps(config)
+
+
+def test_eval_sets_and_preferences_read_parquet_and_hf(hub, tmp_path):
+    from exnihilo.evaluate import load_eval_set, read_generations
+    from exnihilo.evaluate.choice import load_choice_set
+    from exnihilo.train.preference_data import read_preferences
+
+    rows = [{"instruction": q, "output": a} for q, a in QA]
+    from_parquet = load_eval_set(_parquet(tmp_path / "e.parquet", rows))
+    from_hub = load_eval_set("hf:org/sft")
+    for records in (from_parquet, from_hub):
+        assert [r["messages"][0]["content"] for r in records] == [q for q, _ in QA]
+        assert [r["meta"]["reference"] for r in records] == [a for _, a in QA]
+
+    pairs = [{"prompt": q, "chosen": a, "rejected": "no idea"} for q, a in QA]
+    for source in (_parquet(tmp_path / "p.parquet", pairs), "hf:org/pairs"):
+        prefs = read_preferences(source)
+        assert [p["chosen"]["content"] for p in prefs] == [a for _, a in QA]
+        assert {p["rejected"]["content"] for p in prefs} == {"no idea"}
+
+    answers = [{"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                             "content": a}]} for q, a in QA]
+    assert len(read_generations(_parquet(tmp_path / "g.parquet", answers))) == len(QA)
+    items = [{"question": "Sky?", "options": ["blue", "green"], "answer": 0}]
+    assert load_choice_set(_parquet(tmp_path / "c.parquet", items))[0]["options"] == [
+        "blue", "green"]
