@@ -94,9 +94,15 @@ def _plain(value: Any) -> Any:
 
 def _printer(path: list[str], order: list[str]) -> Any:
     """A leaf command's replacement callback: print its merged options as a config file,
-    in the command's own option order."""
+    in the command's own option order. A value given by a deprecated spelling (a hidden
+    `<name>_option`, e.g. `--data` for the positional DATA) is printed under `<name>`."""
     def print_config(**params: Any) -> None:
         import yaml
+
+        for name, value in list(params.items()):
+            base = name.removesuffix("_option")
+            if base != name and base in params and value is not None:
+                params[base] = value
 
         tree: dict[str, Any] = {k: _plain(params[k]) for k in order if k in params}
         for name in reversed(path):

@@ -75,7 +75,7 @@ def tag_command(
                                   "judge); logprob: each tag is the label the judge finds most "
                                   "likely, never unreadable (local engine or a server with "
                                   "top_logprobs)."),
-    judge_m: str = deprecated_option("-m"),
+    judge_option: str = deprecated_option("-m"),
 ) -> None:
     """Tag quality, difficulty and task category with any model as the judge.
 
@@ -87,9 +87,9 @@ def tag_command(
     from exnihilo.outputs import check_output
     from exnihilo.resume import check_resumable
 
-    if judge_m is not None:
+    if judge_option is not None:
         deprecated("-m", "the judge is -j/--judge")
-        judge = judge_m
+        judge = judge_option
     if mode not in MODES:
         raise ExnihiloError(f"--mode {mode!r}: known {', '.join(MODES)}")
     check_engine(engine, base_url, dtype)
