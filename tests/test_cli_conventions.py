@@ -528,3 +528,18 @@ def test_print_config_keeps_a_value_given_by_an_old_spelling(cli, tmp_path):
         options = yaml.safe_load(stdout)["train"]["sft"]
         assert options["data"] == "d.jsonl" and options["out"] == "runs/x"
         assert "data_option" not in options
+
+
+def test_json_in_a_real_process_prints_only_json(tmp_path):
+    """The whole stdout of a real `exnihilo --json` process is the one JSON object; an error
+    leaves stdout empty and says why on stderr."""
+    from tests.helpers import run_cli
+
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat("a?", "x", tags={"quality": "good"})])
+    r = run_cli("--json", "curate", "filter", data, "-o", str(tmp_path / "k.jsonl"),
+                "--where", "quality>=good")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["output_records"] == 1
+    r = run_cli("--json", "curate", "filter", str(tmp_path / "absent.jsonl"), "-o",
+                str(tmp_path / "k2.jsonl"), "--where", "quality>=good")
+    assert r.returncode == 2 and r.stdout == "" and "absent.jsonl" in r.stderr
