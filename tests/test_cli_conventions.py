@@ -112,6 +112,14 @@ def test_json_eval_ifeval_responses(cli, tmp_path):
     assert summary["by_instruction"]["punctuation:no_comma"]["n"] == 2
 
 
+def test_json_report(cli, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [_chat("a?", "x"), _chat("b?", "y")])
+    out = tmp_path / "r.html"
+    code, stdout, _ = cli("--json", "report", data, "-o", out)
+    assert code == 0 and out.exists()
+    assert _json_only(stdout) == {"out": str(out), "datasets": [{"name": "d", "records": 2}]}
+
+
 def test_json_models_and_rules(cli):
     code, stdout, _ = cli("--json", "models")
     assert code == 0
