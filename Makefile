@@ -32,14 +32,18 @@ demo: install
 test-deps: install
 	@for s in scripts/test-deps/*.sh; do [ -f "$$s" ] || continue; echo "== $$s"; bash "$$s" || exit 1; done
 
+# Tests run on every core (pytest-xdist), each worker on one torch thread: the suite is
+# mostly small single-threaded models, so processes scale where threads do not.
+WORKERS ?= auto
+
 test: install test-deps
 	$(BIN)/ruff check src tests benchmarks experiments
-	$(BIN)/python -m pytest -q
+	EXNIHILO_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal
 
 # Your own loop: everything but the real-model, server and browser tests, one thread.
 test-fast: install
 	$(BIN)/ruff check src tests benchmarks experiments
-	EXNIHILO_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not server and not browser"
+	EXNIHILO_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow and not server and not browser"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments

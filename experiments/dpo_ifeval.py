@@ -17,7 +17,9 @@ Stages (each resumable; rerun the same command after a kill):
    paired difference against the base, mean response length; and reference perplexity on
    ch07 records (did anything else get worse?).
 
-Prints one JSON report and writes it to <out>/report.json.
+Prints one JSON report and writes it to <out>/report.json (rewritten after every stage).
+Greedy decoding does not depend on the batch size beyond fp32 rounding, so the base answers
+of an earlier `eval ifeval` run (same sampling; batch 16) can be reused with --base-answers.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "evalsets"
 IFEVAL = SHARED / "ifeval-input-data.jsonl"
 CH07 = SHARED / "rasbt-instruction-data.json"
 
-FULL = dict(train_prompts=160, dice_prompts=80, n=6, sample_tokens=256, eval_prompts=None,
-            eval_tokens=512, epochs=2, batch=8, lr=1e-4, ppl_records=100, batch_gen=16,
-            val=0.1)
+FULL = dict(train_prompts=100, dice_prompts=50, n=6, sample_tokens=256, eval_prompts=None,
+            eval_tokens=512, epochs=2, batch=8, lr=1e-4, ppl_records=100, batch_gen=32,
+            batch_sample=30, val=0.1)
 QUICK = dict(train_prompts=16, dice_prompts=8, n=4, sample_tokens=160, eval_prompts=20,
              eval_tokens=96, epochs=1, batch=2, lr=1e-4, ppl_records=20, batch_gen=16,
-             val=0.0)
+             batch_sample=16, val=0.0)
 
 
 def instructions(start: int, count: int) -> list[dict[str, Any]]:
@@ -65,7 +67,8 @@ def stage_constraints(out: Path, s: dict[str, Any]) -> tuple[list[Any], list[Any
                                                        + 20), seed=0, eval_path=IFEVAL)
         write_jsonl_atomic(path, rows[:s["train_prompts"] + s["dice_prompts"]])
     records = read_any(path)
-    return records[:s["train_prompts"]], records[s["train_prompts"]:]
+    train, dice = s["train_prompts"], s["dice_prompts"]
+    return records[:train], records[train:train + dice]
 
 
 def stage_pairs(out: Path, prompts: list[Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -74,9 +77,9 @@ def stage_pairs(out: Path, prompts: list[Any], s: dict[str, Any]) -> dict[str, A
     path = out / "pairs.jsonl"
     summary = summary_path(path)
     if not summary.exists():
-        engine = make_engine("transformers", DEFAULT_MODEL, batch_size=s["batch_gen"])
+        engine = make_engine("transformers", DEFAULT_MODEL, batch_size=s["batch_sample"])
         cfg = PairsConfig(n=s["n"], max_new_tokens=s["sample_tokens"], alpha_step=1e-5,
-                          prompts_per_call=max(1, s["batch_gen"] // s["n"]))
+                          prompts_per_call=max(1, s["batch_sample"] // s["n"]))
         synthesize_pairs(engine, IFEvalScorer(), prompts, cfg, path)
     return json.loads(summary.read_text())
 
@@ -105,7 +108,7 @@ def stage_dice(out: Path, dpo: str, prompts: list[Any], s: dict[str, Any]) -> st
                      offline=str(out / "pairs.jsonl"),
                      dpo=dict(beta=0.1, lr=s["lr"], epochs=s["epochs"], batch_size=s["batch"],
                               max_length=768, val_fraction=s["val"]))
-    run_dice(cfg, lambda m: make_engine("transformers", m, batch_size=s["batch_gen"]))
+    run_dice(cfg, lambda m: make_engine("transformers", m, batch_size=s["batch_sample"]))
     return str(iteration_dir(out / "dice", 1) / "model")
 
 

@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("EXNIHILO_NO_PROGRESS", "1")
+# Wide enough that rich never wraps a message mid-phrase: under pytest-xdist the temporary
+# paths in messages are longer ("popen-gw0/"), and an 80-column wrap split what tests read.
+os.environ.setdefault("COLUMNS", "200")
+# The suite compares against CPU numbers: models load on the CPU even where a GPU is present
+# (tests of the GPU path ask for device="cuda" themselves, tests/test_devices.py).
+os.environ.setdefault("EXNIHILO_DEVICE", "cpu")
 
 EMBEDDED = "smollm2-135m-instruct"
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

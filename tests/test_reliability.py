@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -270,8 +271,16 @@ def test_markup_in_file_names_rules_and_data_is_printed_literally(tmp_path):
 def test_second_writer_fails_at_once_and_ctrl_c_exits_130(tmp_path):
     """Two `synth magpie` runs on one output: the second fails at once naming the first;
     Ctrl-C on the first prints "interrupted" and exits 130 (so `&&` chains stop)."""
+    # The first run talks to a server that accepts and never answers, so it is still waiting
+    # when the Ctrl-C comes, however long the second run takes to start on a loaded machine
+    # (a dead port made it give up first).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    hanging = ["--engine", "openai", "--base-url",
+               f"http://127.0.0.1:{silent.getsockname()[1]}/v1"]
     first = subprocess.Popen([sys.executable, "-m", "exnihilo.cli", "synth", "magpie", "-n",
-                              "4", "-o", "m.jsonl", *DEAD], cwd=tmp_path, env=cli_env(),
+                              "4", "-o", "m.jsonl", *hanging], cwd=tmp_path, env=cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".m.jsonl.lock"
     try:
@@ -289,6 +298,7 @@ def test_second_writer_fails_at_once_and_ctrl_c_exits_130(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+        silent.close()
     assert first.returncode == 130, err
     assert "interrupted" in err and "rerun the same command to resume" in err
     assert "Traceback" not in err

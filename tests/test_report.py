@@ -138,3 +138,35 @@ def test_histogram_bins_share_edges_and_fold_the_tail():
     assert _histogram([0, 1, 2, 33, 100], edges) == [2, 1] + [0] * 14 + [1, 0, 0, 1]
     edges = _bin_edges([0.1, 0.5], bins=20, integer=False)
     assert edges[0] == 0.0 and abs(edges[-1] - 0.5) < 1e-12
+
+
+@pytest.mark.browser
+def test_run_report_curves_in_headless_chromium(tmp_path, smol_tokenizer, one_thread):
+    """A real tiny SFT run's report: Chromium renders the training loss, validation loss and
+    learning rate curves as paths with a point per logged step."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium not installed: run scripts/test-deps/chromium.sh (make test does)")
+    from exnihilo.report.run import write_run_report
+    from test_run_report import train_tiny_run
+
+    run = train_tiny_run(tmp_path / "tiny-sft", smol_tokenizer)
+    out = tmp_path / "curves.html"
+    write_run_report([run], out)
+
+    dom = chromium("--dump-dom", out.as_uri()).stdout
+    assert re.search(r"<title>exnihilo training report: tiny-sft</title>", dom)
+    charts = {title: svg for title, svg in re.findall(
+        r'<svg class="chart line-chart"[^>]*><title>([^<]+)</title>(.*?)</svg>', dom, re.S)}
+    points = {}
+    for title in ("training loss", "validation loss", "learning rate"):
+        [d] = re.findall(r'<path class="line" data-series="tiny-sft" d="([^"]+)"', charts[title])
+        points[title] = len(re.findall(r"[ML] [\d.]+ [\d.]+", d))
+        assert charts[title].count('<circle class="dot"') == points[title]
+    # 8 steps, validation at steps 3, 6 and 8
+    assert points == {"training loss": 8, "validation loss": 3, "learning rate": 8}
+    assert "<script" not in dom
+
+    screenshot = tmp_path / "curves.png"
+    chromium("--window-size=1280,1600", f"--screenshot={screenshot}", out.as_uri())
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

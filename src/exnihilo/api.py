@@ -110,16 +110,18 @@ def _is_engine(obj: Any) -> bool:
     return callable(getattr(obj, "chat", None)) and callable(getattr(obj, "complete", None))
 
 
-def engine(model: Any = DEFAULT_MODEL, *, engine: str = "transformers", dtype: str = "float32",
+def engine(model: Any = DEFAULT_MODEL, *, engine: str = "transformers", dtype: str = "auto",
            batch_size: int = 16, base_url: list[str] | None = None, concurrency: int = 8,
-           label: str = "generating") -> Any:
-    """An engine object as is, or one built for a model name (the CLI's `--engine`)."""
+           label: str = "generating", device: str | None = None) -> Any:
+    """An engine object as is, or one built for a model name (the CLI's `--engine`); a local
+    one on `device` (None: the process default, `exnihilo.devices`)."""
     if _is_engine(model):
         return model
     from exnihilo.assemble import build_engine
 
     return build_engine(engine, str(model), dtype=dtype, batch_size=batch_size,
-                        base_urls=base_url or [], concurrency=concurrency, label=label)
+                        base_urls=base_url or [], concurrency=concurrency, label=label,
+                        device=device)
 
 
 def _tokenizer(eng: Any, template_from: str | None) -> Any:
@@ -171,7 +173,7 @@ def documents(inputs: list[str | Path], out: str | Path, **options: Any) -> dict
 def tag(data: Data, judge: Any = DEFAULT_MODEL, *, out: str | Path | None = None,
         score: bool = False, mode: str = "generate", batch_size: int = 16, seed: int = 0,
         max_new_tokens: int = 96, engine_kind: str = "transformers",
-        dtype: str = "float32") -> Records:
+        dtype: str = "auto") -> Records:
     """`curate tag`: quality, difficulty and category (and with `score` a 0-100 response
     score) under meta.tags, by any model or engine as the judge."""
     from exnihilo.curate.tags import MODES, tag_file
@@ -243,23 +245,24 @@ def dpo(data: Data, out: str | Path, model: str = DEFAULT_MODEL, *, resume: bool
 def generate(data: Data, model: Any = DEFAULT_MODEL, *, out: str | Path | None = None,
              style: str = "chat", temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, limit: int | None = None,
-             engine_kind: str = "transformers", dtype: str = "float32",
-             batch_size: int = 16) -> Records:
-    """`generate`: answer every prompt (references move to meta.reference, as for eval)."""
+             engine_kind: str = "transformers", dtype: str = "auto",
+             batch_size: int = 16, device: str | None = None) -> Records:
+    """`generate`: answer every prompt (references move to meta.reference, as for eval);
+    a local model runs on `device` (None: the process default)."""
     from exnihilo.evaluate import generate_responses, generation_summary, load_eval_set
 
     params = SamplingParams(temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, seed=seed)
     with _as_file(data) as src:
         prompts = load_eval_set(src, limit=limit)
-    eng = engine(model, engine=engine_kind, dtype=dtype, batch_size=batch_size)
+    eng = engine(model, engine=engine_kind, dtype=dtype, batch_size=batch_size, device=device)
     rows = generate_responses(eng, prompts, params, style=style, out=out)
     return Records(rows, generation_summary(rows))
 
 
 def eval_judge(data: Data, judge: Any = DEFAULT_MODEL, *, out: str | Path | None = None,
           mode: str = "generate", seed: int = 0, max_new_tokens: int = 32,
-          engine_kind: str = "transformers", dtype: str = "float32",
+          engine_kind: str = "transformers", dtype: str = "auto",
           batch_size: int = 16) -> Records:
     """`eval judge`: score each final answer 0-100 against its reference (meta.judge)."""
     from exnihilo.evaluate import judge_scores, judge_summary, read_generations
@@ -277,8 +280,9 @@ def eval_judge(data: Data, judge: Any = DEFAULT_MODEL, *, out: str | Path | None
 
 
 def eval_perplexity(data: Data, model: Any = DEFAULT_MODEL, *, tokenizer: Any = None,
-               style: str | None = None, dtype: str = "float32", batch_size: int = 8,
-               max_length: int = 2048, limit: int | None = None) -> Records:
+               style: str | None = None, dtype: str = "auto", batch_size: int = 8,
+               max_length: int = 2048, limit: int | None = None,
+               device: str | None = None) -> Records:
     """`eval perplexity`: perplexity of the reference answers given their prompts. `model`
     is a name/folder, or a loaded model with its `tokenizer`."""
     from exnihilo.evaluate import load_eval_set, model_perplexity
@@ -288,7 +292,8 @@ def eval_perplexity(data: Data, model: Any = DEFAULT_MODEL, *, tokenizer: Any = 
         rows_in = load_eval_set(src, limit=limit)
     if isinstance(model, (str, Path)):
         rows, summary = model_perplexity(str(model), rows_in, style=style, dtype=dtype,
-                                         batch_size=batch_size, max_length=max_length)
+                                         batch_size=batch_size, max_length=max_length,
+                                         device=device)
     else:
         if tokenizer is None:
             raise ExnihiloError("perplexity: a loaded model needs its tokenizer=")

@@ -26,11 +26,13 @@ def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = N
         raise ExnihiloError("--engine openai needs at least one --base-url")
 
 
-def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: int = 32,
+def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int = 32,
                  base_urls: list[str] | None = None, concurrency: int = 8,
-                 label: str = "generating", draft_model: str | None = None) -> Any:
+                 label: str = "generating", draft_model: str | None = None,
+                 device: str | None = None) -> Any:
     """A local transformers engine or an OpenAI-compatible client for `model`; with
-    `draft_model`, the local engine decodes speculatively (`engines.speculative`)."""
+    `draft_model`, the local engine decodes speculatively (`engines.speculative`). `device`
+    (local only; None: the process default, `exnihilo.devices`)."""
     from exnihilo.engines import make_engine
 
     check_engine(engine, base_urls)
@@ -38,13 +40,13 @@ def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: in
         raise ExnihiloError("--draft-model needs the local engine (--engine transformers)")
     if engine == "transformers":
         local = make_engine("transformers", model, dtype=dtype, batch_size=batch_size,
-                            progress_label=label)
+                            progress_label=label, device=device)
         if draft_model is None:
             return local
         from exnihilo.engines.speculative import SpeculativeEngine
         from exnihilo.models import load_model
 
-        return SpeculativeEngine(local, load_model(draft_model, dtype=dtype))
+        return SpeculativeEngine(local, load_model(draft_model, dtype=dtype, device=device))
     if engine == "openai":
         return make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
                            progress_label=label)
@@ -52,16 +54,17 @@ def build_engine(engine: str, model: str, dtype: str = "float32", batch_size: in
 
 
 def load_engine(engine: str, model: str, template_from: str | None = None, *,
-                dtype: str = "float32", batch_size: int = 32,
+                dtype: str = "auto", batch_size: int = 32,
                 base_urls: list[str] | None = None, concurrency: int = 8,
-                label: str = "generating") -> tuple[Any, Any]:
+                label: str = "generating", device: str | None = None) -> tuple[Any, Any]:
     """(engine, tokenizer) for a command. A remote engine has no tokenizer of its own:
     `template_from` (else the embedded model's) supplies the chat template where a command
     renders one itself; a local engine uses its model's unless `template_from` is given."""
     from exnihilo.models import DEFAULT_MODEL, load_tokenizer
 
     built = build_engine(engine, model, dtype=dtype, batch_size=batch_size,
-                         base_urls=base_urls, concurrency=concurrency, label=label)
+                         base_urls=base_urls, concurrency=concurrency, label=label,
+                         device=device)
     own = getattr(built, "tokenizer", None)
     if template_from:
         return built, load_tokenizer(template_from)

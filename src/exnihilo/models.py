@@ -218,29 +218,37 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+# auto: bfloat16 on a GPU that runs it natively, else float32 (exnihilo.devices).
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
-def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
-    """Load a causal LM from a resolved local folder, safetensors only, in eval mode."""
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+               device: str | Any = None) -> Any:
+    """Load a causal LM from a resolved local folder, safetensors only, in eval mode, on
+    `device` (None: the process default, `exnihilo.devices`). dtype "auto": bfloat16 on a
+    GPU that runs it natively, else float32 (`devices.default_dtype_for`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from exnihilo.devices import inference_dtype, resolve_device
+
     if dtype not in DTYPES:
         raise ExnihiloError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    target = resolve_device(device)  # a wrong --device fails before the weights are read
+    dtype = inference_dtype(DTYPES[dtype], target)
     from transformers.utils import logging as hf_logging
 
     folder = resolve_model(name_or_path)
     hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar is noise in logs
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, DTYPES[dtype]), local_files_only=True,
+            folder, dtype=getattr(torch, dtype), local_files_only=True,
             use_safetensors=True, trust_remote_code=trust_remote_code)
     finally:
         hf_logging.enable_progress_bar()
     model.eval()
-    return model
+    return model if target.type == "cpu" else model.to(target)
 
 
 def list_models() -> list[dict[str, str]]:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from exnihilo import progress
+from exnihilo.devices import model_device, place_model, to_device
 from exnihilo.errors import ExnihiloError
 from exnihilo.train.forward import token_logprobs
 from exnihilo.train.tokens import TokenStream, collate_rows, open_stream, prepare_corpus
@@ -152,7 +153,7 @@ class ActivationStats:
     @staticmethod
     def _seq_abs_mean_sq(a: torch.Tensor) -> torch.Tensor:
         """Σ over the batch of (mean over the sequence of |a|)²: the L2-over-batch's square."""
-        return a.detach().double().abs().mean(dim=1).pow(2).sum(dim=0)
+        return _on_cpu(a).abs().mean(dim=1).pow(2).sum(dim=0)
 
     def attach(self) -> ActivationStats:
         for i, layer in enumerate(decoder_layers(self.model)):
@@ -177,7 +178,7 @@ class ActivationStats:
     def _head_hook(self, i: int):
         def hook(module: Any, args: tuple) -> None:
             a = args[0]
-            per_head = a.detach().double().abs().mean(dim=1).view(a.shape[0], self.heads,
+            per_head = _on_cpu(a).abs().mean(dim=1).view(a.shape[0], self.heads,
                                                                    self.head_dim)
             self.head_sq[i] += per_head.pow(2).sum(dim=(0, 2))
         return hook
@@ -191,7 +192,7 @@ class ActivationStats:
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
-            x, y = x.double(), y.double()
+            x, y = _on_cpu(x), _on_cpu(y)
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
             # A zero vector left zero (e.g. a padding-index embedding) is unchanged: cos 1.
             both_zero = (x.norm(dim=-1) == 0) & (y.norm(dim=-1) == 0)
@@ -215,6 +216,12 @@ class ActivationStats:
         return [1.0 - c / max(self.tokens, 1) for c in self.cos_sum]
 
 
+def _on_cpu(a: torch.Tensor) -> torch.Tensor:
+    """An activation as float64 on the CPU, where the statistics accumulate: the same sums
+    whatever device the model runs on (MPS has no float64)."""
+    return a.detach().cpu().double()
+
+
 def calibration_batches(stream: TokenStream, rows: int, batch_size: int
                         ) -> list[dict[str, torch.Tensor]]:
     if stream.n_rows < max(rows, MIN_CALIBRATION_ROWS):
@@ -227,6 +234,7 @@ def calibration_batches(stream: TokenStream, rows: int, batch_size: int
 
 
 def forward_batch(model: Any, batch: dict[str, torch.Tensor]) -> None:
+    batch = to_device(batch, model_device(model))
     model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
 
@@ -245,7 +253,7 @@ def calibration_loss(model: Any, batches: list[dict[str, torch.Tensor]]) -> floa
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            lp = token_logprobs(model, batch)
+            lp = token_logprobs(model, to_device(batch, model_device(model)))
             total -= float(lp.sum())
             n += lp.numel()
     return total / n
@@ -340,6 +348,7 @@ def sliced_state(model: Any, plan: Plan) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     new_index = {old: new for new, old in enumerate(plan.layers)}
     for name, tensor in model.state_dict().items():
+        tensor = tensor.cpu()  # sliced on the CPU; apply_plan moves the result back
         parts = name.split(".")
         if "layers" in parts:
             at = parts.index("layers")
@@ -388,7 +397,7 @@ def apply_plan(model: Any, plan: Plan) -> Any:
     config._attn_implementation = model.config._attn_implementation
     small = type(model)(config).to(next(model.parameters()).dtype)
     small.load_state_dict(sliced_state(model, plan), strict=True)
-    return small.eval()
+    return small.to(model_device(model)).eval()
 
 
 # ----------------------------------------------------------------------------------- run
@@ -407,9 +416,10 @@ class PruneResult:
 
 def run_prune(model_name: str, calibration: str, out: str, targets: PruneTargets,
               rows: int = 64, seq_len: int = 256, batch_size: int = 4, seed: int = 0,
-              model_obj: Any = None, tokenizer: Any = None, dtype: str = "float32"
-              ) -> PruneResult:
-    """Score, prune and save. Targets and calibration are checked before the model loads."""
+              model_obj: Any = None, tokenizer: Any = None, dtype: str = "float32",
+              device: str | None = None) -> PruneResult:
+    """Score, prune and save. Targets and calibration are checked before the model loads.
+    The model runs on `device` (None: the process default; `model_obj` stays put then)."""
     from exnihilo.models import load_model, load_tokenizer, resolve_model
     from exnihilo.train.run import count_parameters, prepare_out, save_final_model
 
@@ -425,7 +435,8 @@ def run_prune(model_name: str, calibration: str, out: str, targets: PruneTargets
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_name)
     folder = prepare_corpus(calibration, tokenizer, 0.0, seed)
     batches = calibration_batches(open_stream(folder, "train", seq_len), rows, batch_size)
-    model = model_obj if model_obj is not None else load_model(model_name, dtype)
+    model = place_model(model_obj, device) if model_obj is not None else \
+        load_model(model_name, dtype, device=device)
     model.eval()
     outp = Path(out)
     identity = {"kind": "prune", "model": model_name, "targets": asdict(targets),

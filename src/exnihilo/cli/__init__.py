@@ -37,6 +37,10 @@ def root(ctx: typer.Context,
         None, "--threads", envvar="EXNIHILO_THREADS", show_envvar=True,
         help="CPU threads for torch (every command). On a loaded machine 1 can be several "
              "times faster than the default of one per core."),
+         device: str = typer.Option(
+        None, "--device", envvar="EXNIHILO_DEVICE", show_envvar=True,
+        help="Where local models run (every command): auto (CUDA, else MPS, else CPU), cpu, "
+             "cuda[:N] or mps. [default: auto]"),
          version: bool = typer.Option(False, "--version", is_eager=True,
                                       callback=_print_version,
                                       help="Print the version and exit."),
@@ -63,6 +67,7 @@ def root(ctx: typer.Context,
     import os
 
     from exnihilo.cli.config import apply
+    from exnihilo.devices import set_default_device
     from exnihilo.models import allow_downloads
     from exnihilo.threads import apply_threads
 
@@ -71,6 +76,7 @@ def root(ctx: typer.Context,
         os.environ["EXNIHILO_QUIET"] = os.environ["EXNIHILO_NO_PROGRESS"] = "1"
     common.set_json_output(json_output)
     apply_threads(threads)
+    set_default_device(device)  # an unavailable --device fails here, before any model loads
     apply(ctx, config, print_config)
     if allow_download:
         allow_downloads()

@@ -149,7 +149,17 @@ def concurrency_option() -> Any:
 
 
 def dtype_option() -> Any:
-    return typer.Option("float32", "--dtype", help="float32 or bfloat16 (local).")
+    return typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU that supports it, else "
+                                                "float32), float32 or bfloat16 (local).")
+
+
+def report_to_option() -> Any:
+    return typer.Option(
+        [], "--report-to", metavar="TRACKER",
+        help="Send each step's metrics to an experiment tracker: tensorboard, trackio or "
+        "wandb (repeatable or comma list; the package must be installed; wandb runs offline "
+        "unless WANDB_MODE is set). Default: none (metrics.jsonl and `exnihilo report OUT` "
+        "always work).")
 
 
 # One spelling per concept (checked over the whole command tree by a test):

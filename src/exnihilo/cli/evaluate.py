@@ -271,7 +271,7 @@ def perplexity_command(
                               help="chat | alpaca | phi3. Default: the model folder's "
                                    "exnihilo_run.json, else chat."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = dtype_option(),
     max_length: int = typer.Option(2048, "--max-length", min=2,
                                    help="Skip (and count) longer prompt+answer pairs."),
     out: Path = typer.Option(None, "-o", "--out", help="Per-record NLL JSONL (optional)."),

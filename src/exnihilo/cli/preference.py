@@ -20,6 +20,7 @@ from exnihilo.cli.common import (
     engine_option,
     input_argument,
     pick_input,
+    report_to_option,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -88,9 +89,11 @@ def dpo_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
+    report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),
 ) -> None:
     """Preference optimization: DPO, IPO, SimPO … on pairs (LoRA by default)."""
@@ -108,7 +111,7 @@ def dpo_command(
             lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], dora=dora,
             lora_plus_ratio=lora_plus_ratio, val_fraction=val_fraction,
             eval_every=eval_every, save_every=save_every, seed=seed, max_steps=max_steps,
-            dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+            dtype=dtype, gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     _threads(threads)
@@ -292,11 +295,13 @@ def dice_command(
     seed: int = typer.Option(0, "--seed"),
     dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads"),
+    report_to: list[str] = report_to_option(),
     prompts_option: str = deprecated_option("--prompts"),
 ) -> None:
     """DICE: iterate DPO on pairs the model ranks with its own implicit reward; rerun the
     same command to resume at any stage."""
     from exnihilo.train.dice import DiceConfig, run_dice
+    from exnihilo.train.tracking import parse_report_to
 
     prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
     dpo = {"beta": beta, "epochs": epochs, "batch_size": batch_size, "dtype": dtype}
@@ -304,6 +309,8 @@ def dice_command(
         dpo["lr"] = lr
     if max_steps is not None:
         dpo["max_steps"] = max_steps
+    if report_to:  # each iteration's DPO run reports; checked here, before any model loads
+        dpo["report_to"] = parse_report_to(report_to)
     try:
         cfg = DiceConfig(model=model, reference=reference, prompts=prompts, out=out,
                          iterations=iterations, n=n, min_valid=min_valid,
@@ -345,8 +352,10 @@ def reward_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     threads: int | None = typer.Option(None, "--threads"),
+    report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),
 ) -> None:
     """A Bradley–Terry reward model: a scalar head on a causal LM, trained on pairs."""
@@ -358,7 +367,7 @@ def reward_command(
                            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                            max_length=max_length, lora_r=lora_r, val_fraction=val_fraction,
                            eval_every=eval_every, save_every=save_every, seed=seed,
-                           max_steps=max_steps, dtype=dtype)
+                           max_steps=max_steps, dtype=dtype, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     _threads(threads)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console, deprecated_option, emit, input_argument, pick_input
+from exnihilo.cli.common import (
+    console,
+    deprecated_option,
+    emit,
+    input_argument,
+    pick_input,
+    report_to_option,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -81,9 +88,11 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),
 ) -> None:
     """Pretrain a Gemma 2 model from a preset, or continue pretraining a model, on text."""
@@ -110,7 +119,8 @@ def pretrain_command(
             grad_accum=grad_accum, epochs=epochs, lr=lr, weight_decay=weight_decay,
             warmup_ratio=warmup_ratio, arch_options=options, val_fraction=val_fraction,
             val_tokens=val_tokens, eval_every=eval_every, save_every=save_every, seed=seed,
-            max_steps=max_steps, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+            max_steps=max_steps, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_pretrain(cfg, resume=resume)
@@ -167,8 +177,10 @@ def distill_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),
 ) -> None:
     """Distill a teacher into a student on text: KL / reverse KL / JSD, optionally on-policy."""
@@ -188,7 +200,7 @@ def distill_command(
             tokens=parse_token_count(tokens), seq_len=seq_len, batch_size=batch_size,
             grad_accum=grad_accum, epochs=epochs, lr=lr, full=not lora,
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,
-            seed=seed, max_steps=max_steps, dtype=dtype)
+            seed=seed, max_steps=max_steps, dtype=dtype, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_distill(cfg, resume=resume)

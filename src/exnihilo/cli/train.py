@@ -5,7 +5,14 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console, deprecated_option, emit, input_argument, pick_input
+from exnihilo.cli.common import (
+    console,
+    deprecated_option,
+    emit,
+    input_argument,
+    pick_input,
+    report_to_option,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -69,11 +76,13 @@ def sft_command(
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer "
                                          "steps (the schedule is fitted to N)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
+                              "autocast on a GPU that supports it), float32 or bfloat16."),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in backward: much less memory for long batches, about "
         "a third more compute. Default: on from 2,048 positions per micro-batch."),
+    report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data", "-d"),
 ) -> None:
     """Supervised finetuning: LoRA by default, --full for every weight."""
@@ -90,7 +99,7 @@ def sft_command(
             lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
             val_fraction=val_fraction, eval_every=eval_every, save_every=save_every,
             seed=seed, max_steps=max_steps, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
     except ValidationError as e:
         raise _config_error(e) from None
     result = run_sft(cfg, resume=resume)

@@ -123,7 +123,8 @@ class SpeculativeEngine:
         positions = torch.arange(start, start + len(ids), device=device)[None]
         out = model(input_ids=input_ids, position_ids=positions, use_cache=True,
                     **{kw: cache})
-        return out.logits[0].float()
+        # On the CPU: the acceptance rule samples with a CPU generator (same draws anywhere).
+        return out.logits[0].float().cpu()
 
     @torch.inference_mode()
     def generate_one(self, prompt: list[int], params: SamplingParams, seed: int) -> Completion:

@@ -46,8 +46,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generators: list[torch.Generator]) -> torch.Tensor:
     """Next token per row. Noise is drawn every step even when greedy so that each row's
-    random stream advances identically whatever the settings of other calls."""
-    noise = gumbel_noise(generators, logits.shape[-1])
+    random stream advances identically whatever the settings of other calls. The generators
+    are CPU ones, so a seed draws the same noise on every device; it joins the logits there."""
+    noise = gumbel_noise(generators, logits.shape[-1]).to(logits.device)
     if params.temperature == 0.0:
         return torch.argmax(logits, dim=-1)
     scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
@@ -65,18 +66,23 @@ def cache_argument(model: Any) -> str:
 
 @register("transformers")
 class TransformersEngine:
-    """The default engine: a local Hugging Face causal LM on CPU (or whatever torch has)."""
+    """The default engine: a local Hugging Face causal LM on `device` (None: the process
+    default, `exnihilo --device`; auto picks CUDA, else MPS, else the CPU). dtype auto:
+    bfloat16 on a GPU that supports it, else float32. An in-memory `model_obj` stays where
+    it is unless `device` is given. The KV cache is allocated where the model is."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32",
+    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "auto",
                  batch_size: int = 32, model_obj: Any = None, tokenizer: Any = None,
                  progress_label: str = "generating", refill: bool = True,
-                 drop_slack: float = 0.25):
+                 drop_slack: float = 0.25, device: str | None = None):
+        from exnihilo.devices import place_model
         from exnihilo.models import load_model, load_tokenizer
 
         self.name = f"transformers:{model}"
         self.model_name = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        self.model = model_obj if model_obj is not None else load_model(model, dtype=dtype)
+        self.model = place_model(model_obj, device) if model_obj is not None else \
+            load_model(model, dtype=dtype, device=device)
         self.batch_size = batch_size
         self.progress_label = progress_label
         self.label = progress_label

@@ -112,14 +112,15 @@ def perplexity_summary(rows: list[dict[str, Any]], no_reference: int = 0, too_lo
 
 
 def model_perplexity(model_name: str, records: list[Record], style: str | None = None,
-                     dtype: str = "float32", batch_size: int = 8, max_length: int = 2048
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Load `model_name` (name, folder or .gguf) and run `perplexity` with its style."""
+                     dtype: str = "auto", batch_size: int = 8, max_length: int = 2048,
+                     device: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load `model_name` (name, folder or .gguf) on `device` (None: the process default)
+    and run `perplexity` with its style. dtype auto: bfloat16 on a GPU that supports it."""
     from exnihilo.models import load_model, load_tokenizer
 
     style = resolve_style(style, model_name)
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(model_name, dtype=dtype, device=device)
     rows, summary = perplexity(model, tokenizer, records, style, batch_size, max_length)
     summary.update(model=model_name, style=style)
     return rows, summary

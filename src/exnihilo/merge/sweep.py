@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from exnihilo.devices import model_device, to_device
 from exnihilo.errors import ExnihiloError
 
 
@@ -36,7 +37,7 @@ def pair_logps(model: Any, pairs: list[Any], pad_id: int, batch_size: int = 8
     chosen, rejected = [], []
     with torch.inference_mode():
         for batch in pair_batches(pairs, list(range(len(pairs))), batch_size, pad_id):
-            sums = sequence_logprobs(model, batch).sums
+            sums = sequence_logprobs(model, to_device(batch, model_device(model))).sums.cpu()
             half = len(sums) // 2
             chosen.append(sums[:half])
             rejected.append(sums[half:])
@@ -53,8 +54,8 @@ def kl_to_init(model: Any, init: Any, pairs: list[Any], pad_id: int, batch_size:
     with torch.inference_mode():
         for k in range(0, len(pairs), batch_size):
             rows = [(p.prompt, p.chosen) for p in pairs[k:k + batch_size]]
-            values = model_divergence(model, init, collate_continuations(rows, pad_id),
-                                      kind="reverse_kl")
+            batch = to_device(collate_continuations(rows, pad_id), model_device(model))
+            values = model_divergence(model, init, batch, kind="reverse_kl")
             total += float(values.sum())
             count += len(values)
     return total / max(count, 1)

@@ -1,4 +1,5 @@
-"""One self-contained HTML report for one or more datasets.
+"""One self-contained HTML report for one or more datasets (and the chart code that
+`exnihilo.report.run` reuses for training curves).
 
 Counts, histograms of quality / difficulty / category / lengths / min-neighbour distance /
 score, side by side for 2+ datasets as percentages of each dataset (like the Magpie paper's
@@ -191,6 +192,98 @@ def histogram_svg(title: str, series: Sequence[tuple[str, Sequence[float]]], bin
     return "".join(parts)
 
 
+Point = tuple[float, float | None]  # (x, y); y None or NaN leaves a gap in the line
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _span(values: Sequence[float]) -> tuple[float, float]:
+    """(low, high) of the values; a single value gets a unit-wide (or ±5%) span around it so
+    it still has a place on the axis."""
+    low, high = min(values), max(values)
+    if high > low:
+        return low, high
+    pad = abs(low) * 0.05 or 0.5
+    return low - pad, high + pad
+
+
+def line_segments(points: Sequence[Point]) -> list[list[tuple[float, float]]]:
+    """Runs of consecutive drawable points: a None / NaN / infinite y (or x) ends a run, so
+    the line shows the gap instead of bridging it."""
+    segments: list[list[tuple[float, float]]] = [[]]
+    for x, y in points:
+        if _finite(x) and _finite(y):
+            segments[-1].append((float(x), float(y)))  # type: ignore[arg-type]
+        elif segments[-1]:
+            segments.append([])
+    return [seg for seg in segments if seg]
+
+
+def line_chart_svg(title: str, series: Sequence[tuple[str, Sequence[Point]]],
+                   x_label: str = "step", markers_up_to: int = 100,
+                   x_range: tuple[float, float] | None = None) -> str:
+    """Lines of y against x, one per series, on shared linear axes spanning the drawable
+    points exactly (lowest value on the bottom edge, highest on the top; `x_range` fixes the
+    x-axis instead, so charts of one run line up step for step). Each series is one
+    `<path class="line">` (a new `M` after each gap); series with at most `markers_up_to`
+    points also get a dot per point whose tooltip gives the value."""
+    width, height, left, bottom, top, right = 620, 230, 64, 34, 28, 14
+    drawn = [(name, line_segments(points)) for name, points in series]
+    xs = [x for _, segs in drawn for seg in segs for x, _ in seg]
+    ys = [y for _, segs in drawn for seg in segs for _, y in seg]
+    if not xs:
+        return (f'<svg class="chart empty" viewBox="0 0 {width} 40" width="{width}" '
+                f'height="40" xmlns="http://www.w3.org/2000/svg"><title>{esc(title)}</title>'
+                f'<text x="0" y="16" class="ctitle">{esc(title)}: no values</text></svg>')
+    (x_lo, x_hi), (y_lo, y_hi) = _span(list(x_range) if x_range else xs), _span(ys)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + plot_w * (x - x_lo) / (x_hi - x_lo)
+
+    def py(y: float) -> float:
+        return top + plot_h - plot_h * (y - y_lo) / (y_hi - y_lo)
+
+    parts = [f'<svg class="chart line-chart" role="img" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<title>{esc(title)}</title>',
+             f'<text x="0" y="16" class="ctitle">{esc(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
+             f'class="axis"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" class="axis"/>']
+    for tick in (y_lo, (y_lo + y_hi) / 2, y_hi):
+        parts.append(f'<text x="{left - 4}" y="{py(tick):.1f}" class="val" text-anchor="end" '
+                     f'dominant-baseline="middle">{tick:.3g}</text>')
+    x_ticks = [x_lo + (x_hi - x_lo) * i / 4 for i in range(5)]
+    whole = all(float(x).is_integer() for x in xs) and x_hi - x_lo >= 4
+    if whole:  # steps: whole-number ticks, written out (12,000 rather than 1.2e+04)
+        x_ticks = sorted({float(round(t)) for t in x_ticks})
+    for tick in x_ticks:
+        label = f"{tick:,.0f}" if whole else f"{tick:.4g}"
+        parts.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 14}" class="val" '
+                     f'text-anchor="middle">{label}</text>')
+    parts.append(f'<text x="{left + plot_w}" y="{height - 4}" class="val" '
+                 f'text-anchor="end">{esc(x_label)}</text>')
+    for s, (name, segments) in enumerate(drawn):
+        color = COLORS[s % len(COLORS)]
+        path = " ".join("M " + " L ".join(f"{px(x):.2f} {py(y):.2f}" for x, y in seg)
+                        for seg in segments)
+        if path:
+            parts.append(f'<path class="line" data-series="{esc(name)}" d="{path}" '
+                         f'fill="none" stroke="{color}" stroke-width="1.5">'
+                         f'<title>{esc(name)}</title></path>')
+        points = [p for seg in segments for p in seg]
+        if 0 < len(points) <= markers_up_to:
+            parts.extend(f'<circle class="dot" cx="{px(x):.2f}" cy="{py(y):.2f}" r="2.5" '
+                         f'fill="{color}"><title>{esc(name)} · {esc(x_label)} {x:g}: '
+                         f'{y:.6g}</title></circle>' for x, y in points)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 # ----------------------------------------------------------------------------------- page
 
 def _ordered_labels(counters: Sequence[Counter], known: Sequence[str]) -> list[str]:
@@ -282,7 +375,7 @@ margin-right:6px;border-radius:2px}
 .grid{display:flex;flex-wrap:wrap;gap:18px}
 .chart{max-width:100%;height:auto;background:#fafafa;border:1px solid #eee;border-radius:4px}
 .ctitle{font-weight:600;font-size:13px} .lbl{font-size:12px} .val{font-size:10px;fill:#555}
-.axis{stroke:#999}
+.axis{stroke:#999} .dot{stroke:#fff;stroke-width:.5}
 table{border-collapse:collapse} td,th{border-bottom:1px solid #eee;padding:4px 8px;
 text-align:left;vertical-align:top}
 table.counts td{text-align:right}

@@ -415,7 +415,7 @@ class DocumentsJob(BaseModel):
     seed: int = 0
     limit_chunks: int | None = None
     batch_size: int = 8
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_new_tokens: int | None = None
     temperature: float = 0.0
 

@@ -305,7 +305,7 @@ class MagpieJob(BaseModel):
     no_system: bool = False
     seed: int = 0
     batch_size: int = 32
-    dtype: str = "float32"
+    dtype: str = "auto"
     instruction_max_tokens: int = 128
     response_max_tokens: int = 384
     instruction_temperature: float = 1.0

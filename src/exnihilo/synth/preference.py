@@ -185,7 +185,7 @@ class ImplicitScorer:
             batch = collate_continuations(rows[k:k + self.batch_size], pad)
             policy = no_grad_eval_logps(self.policy, batch)
             ref = self.reference.logps(self.policy, batch)
-            scores += [float(v) for v in (policy - ref.to(policy.dtype))]
+            scores += [float(v) for v in (policy - ref.to(policy.device, policy.dtype))]
         return scores
 
 

@@ -43,8 +43,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from exnihilo import progress
+from exnihilo.devices import model_device, to_device
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import load_model, load_tokenizer
+from exnihilo.models import load_tokenizer
 from exnihilo.train.collate import collate_continuations
 from exnihilo.train.forward import (
     IGNORE_INDEX,
@@ -56,10 +57,10 @@ from exnihilo.train.forward import (
 from exnihilo.train.loop import Batch, LoopResult, train_loop
 from exnihilo.train.pretrain import (
     PRESETS,
-    build_model,
+    build_for_training,
     flops_per_position,
     gemma2_config,
-    measure_matmul_flops,
+    peak_flops_for,
     preset_names,
     row_plan,
     steps_for_budget,
@@ -69,6 +70,8 @@ from exnihilo.train.run import (
     TrainConfig,
     add_lora,
     count_parameters,
+    given_model,
+    load_for_training,
     prepare_out,
     run_identity,
     save_final_model,
@@ -212,10 +215,10 @@ def build_teacher_cache(teacher: Any, streams: dict[str, TokenStream], k: int, k
                 values, indices = [], []
                 for b in range(0, len(rows), batch_rows):
                     batch = collate_rows(stream, rows[b:b + batch_rows])
-                    v, i = teacher_topk(teacher, batch, k)
+                    v, i = teacher_topk(teacher, to_device(batch, model_device(teacher)), k)
                     shape = (*batch["input_ids"].shape, k)
-                    values.append(v.reshape(shape))
-                    indices.append(i.reshape(shape).to(torch.int32))
+                    values.append(v.reshape(shape).cpu())
+                    indices.append(i.reshape(shape).to(torch.int32).cpu())
                     rows_done += len(rows[b:b + batch_rows])
                 save_file({"values": torch.cat(values).contiguous(),
                            "indices": torch.cat(indices).contiguous()},
@@ -260,16 +263,19 @@ def sample_continuation(model: Any, prompt: list[int], max_new_tokens: int,
     leaves the global RNG alone); stops after EOS."""
     was_training = model.training
     model.eval()
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    device = model_device(model)
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     cache, new = _cache(out), []
     logits = out.logits[0, -1]
     for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        # Sampled on the CPU with a CPU generator: the same draws on every device.
+        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
         new.append(token)
         if token == eos_id:
             break
-        out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                    use_cache=True)
         cache, logits = _cache(out), out.logits[0, -1]
     model.train(was_training)
     return new
@@ -352,16 +358,17 @@ def run_distill(cfg: DistillConfig, resume: bool = False, on_step: Any = None,
     if val.n_rows == 0:
         val = TokenStream(val.tokens, val.starts, max(val.n_tokens - 1, 1))
 
-    teacher = teacher_obj if teacher_obj is not None else load_model(cfg.teacher, cfg.dtype)
+    teacher = given_model(teacher_obj, cfg) if teacher_obj is not None else \
+        load_for_training(cfg.teacher, cfg)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if student_obj is not None:
-        student = student_obj
+        student = given_model(student_obj, cfg)
     elif cfg.student_arch:
-        student = build_model(gemma2_config(cfg.student_arch, tokenizer), cfg.seed, cfg.dtype)
+        student = build_for_training(gemma2_config(cfg.student_arch, tokenizer), cfg)
     else:
-        student = load_model(cfg.model, cfg.dtype)
+        student = load_for_training(cfg.model, cfg)
     check_vocabularies(teacher, student)
     torch.manual_seed(cfg.seed)
     if not cfg.full:
@@ -384,7 +391,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, on_step: Any = None,
         # The student's own MFU (the teacher's forward, cached or live, is not counted).
         loop_cfg.flops_per_position = flops_per_position(base_model(student).config,
                                                          cfg.seq_len)
-        loop_cfg.peak_flops = measure_matmul_flops(next(student.parameters()).dtype)
+        loop_cfg.peak_flops = peak_flops_for(student, loop_cfg)
     rows_of = row_plan(train.n_rows, cfg.batch_size, cfg.seed)
 
     def plan(epoch: int) -> list[tuple[int, int, list[int]]]:

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from exnihilo import progress
+from exnihilo.devices import model_device, to_device
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import cache_dir, load_model, load_tokenizer
+from exnihilo.models import cache_dir, load_tokenizer
 from exnihilo.styles import StyleName
 from exnihilo.train.collate import BatchPlan, collate_continuations
 from exnihilo.train.data import split_records
@@ -58,6 +59,8 @@ from exnihilo.train.run import (
     add_lora,
     count_parameters,
     enable_gradient_checkpointing,
+    given_model,
+    load_for_training,
     prepare_out,
     run_identity,
     save_final_model,
@@ -189,7 +192,7 @@ def no_grad_eval_logps(model: Any, batch: Batch) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            return sequence_logprobs(model, batch).sums
+            return sequence_logprobs(model, to_device(batch, model_device(model))).sums
     finally:
         model.train(was)
 
@@ -219,7 +222,8 @@ class CachedReference:
         self.table = table
 
     def logps(self, model: Any, batch: Batch) -> torch.Tensor:
-        rows = self.table[batch["pair_index"]]
+        index = batch["pair_index"]
+        rows = self.table[index.to(self.table.device)].to(index.device)
         return torch.cat([rows[:, 0], rows[:, 1]])
 
 
@@ -246,9 +250,17 @@ class EMAAnchor:
         self.ema = {n: p.detach().clone() for n, p in self._trainable(model).items()}
         return self
 
+    def _follow(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Keep each average on its parameter's device (a resumed state loads on the CPU)."""
+        for name, param in params.items():
+            if self.ema[name].device != param.device:
+                self.ema[name] = self.ema[name].to(param.device)
+
     def after_step(self, model: Any, state: Any) -> None:
+        params = self._trainable(model)
+        self._follow(params)
         with torch.no_grad():
-            for name, param in self._trainable(model).items():
+            for name, param in params.items():
                 self.ema[name].lerp_(param.detach(), self.mu)
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,6 +271,7 @@ class EMAAnchor:
 
     def logps(self, model: Any, batch: Batch) -> torch.Tensor:
         params = self._trainable(model)
+        self._follow(params)
         with torch.no_grad():
             saved = {n: p.detach().clone() for n, p in params.items()}
             try:
@@ -352,7 +365,7 @@ def reference_table(reference: Any, model: Any, pairs: list[PairExample], batch_
     """[pairs, 2] reference log-prob sums (chosen, rejected), one pass without gradients."""
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     for batch in pair_batches(pairs, list(range(len(pairs))), batch_size, pad_id):
-        sums = reference.logps(model, batch).float()
+        sums = reference.logps(model, batch).float().cpu()
         b = batch["pair_index"].shape[0]
         table[batch["pair_index"]] = torch.stack([sums[:b], sums[b:]], dim=1)
     return table
@@ -454,8 +467,8 @@ def make_reference(cfg: DPOConfig, model: Any, ref_model_obj: Any) -> tuple[Any,
     if cfg.ema_anchor is not None:
         return EMAAnchor(cfg.ema_anchor), f"EMA anchor μ={cfg.ema_anchor}"
     if ref_model_obj is not None or cfg.ref_model:
-        ref = ref_model_obj if ref_model_obj is not None else load_model(cfg.ref_model,
-                                                                         cfg.dtype)
+        ref = given_model(ref_model_obj, cfg) if ref_model_obj is not None else \
+            load_for_training(cfg.ref_model, cfg)
         return ModelReference(ref), f"--ref-model {cfg.ref_model or 'in-memory'}"
     if cfg.full:
         return ModelReference(copy.deepcopy(model)), "frozen copy of the starting weights"
@@ -487,7 +500,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, on_step: Any = None, model_obj
     data = build_pair_data(cfg, tokenizer, records)
     progress.note(data.report.summary())
     torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from here; resume restores it
-    model = model_obj if model_obj is not None else load_model(cfg.model, cfg.dtype)
+    model = given_model(model_obj, cfg) if model_obj is not None else \
+        load_for_training(cfg.model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference, ref_text = make_reference(cfg, model, ref_model_obj)

@@ -45,8 +45,10 @@ from rich.progress import (
 from safetensors.torch import load_file, save_file
 
 from exnihilo import progress as progress_mod
+from exnihilo.devices import autocast, model_device, to_device
 from exnihilo.errors import ExnihiloError
 from exnihilo.records import JsonlAppender, iter_jsonl, write_jsonl_atomic
+from exnihilo.train.tracking import open_trackers
 
 Batch = dict[str, torch.Tensor]
 
@@ -109,6 +111,13 @@ class LoopConfig:
     # both are set, each metrics line and the bar carry MFU = achieved / peak FLOP/s.
     flops_per_position: float = 0.0
     peak_flops: float = 0.0
+    # Trackers (exnihilo.train.tracking) that get each metrics row, and the config they
+    # record once at the start.
+    report_to: tuple[str, ...] = ()
+    run_config: dict[str, Any] | None = None
+    # Mixed precision: forward passes under torch.autocast to this dtype ("bfloat16") on the
+    # model's device, weights and optimizer state staying float32. None: off (the CPU).
+    autocast_dtype: str | None = None
 
 
 @dataclass
@@ -201,13 +210,20 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2]}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on the GPU draws from these
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        # A run resumed on fewer GPUs (or on the CPU) restores what it can.
+        cuda_states = state["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
@@ -248,7 +264,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore weights, optimizer, schedule and RNG; return the state and the extra state
     (objective's and hooks') saved beside them."""
     load_trainable_state(model, load_file(str(path / "weights.safetensors")))
-    trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+    # RNG states must be CPU tensors; the optimizer moves its state to its parameters' device.
+    trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])
@@ -283,24 +300,30 @@ def trim_metrics(path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------------- running
 
-def evaluate(model: torch.nn.Module, objective: Objective, batches: Sequence[Batch]
-             ) -> float | None:
+def evaluate(model: torch.nn.Module, objective: Objective, batches: Sequence[Batch],
+             autocast_dtype: str | None = None) -> float | None:
     """Weight-averaged loss over all batches, without gradients."""
-    return evaluate_with_metrics(model, objective, batches)[0]
+    return evaluate_with_metrics(model, objective, batches, autocast_dtype)[0]
 
 
 def evaluate_with_metrics(model: torch.nn.Module, objective: Objective,
-                          batches: Sequence[Batch]) -> tuple[float | None, dict[str, float]]:
-    """(weight-averaged loss, weight-averaged named metrics) over all batches, no gradients."""
+                          batches: Sequence[Batch], autocast_dtype: str | None = None
+                          ) -> tuple[float | None, dict[str, float]]:
+    """(weight-averaged loss, weight-averaged named metrics) over all batches, no gradients;
+    each batch is moved to the model's device."""
     if not batches:
         return None, {}
     was_training = model.training
     model.eval()
     total = weight = 0.0
     sums: dict[str, float] = {}
+    device = model_device(model)
     with torch.no_grad():
         for batch in batches:
-            loss, metrics = split_loss(objective.loss_sum(model, batch))
+            batch = to_device(batch, device)
+            with autocast(device, autocast_dtype):
+                output = objective.loss_sum(model, batch)
+            loss, metrics = split_loss(output)
             total += float(loss)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -382,7 +405,9 @@ def train_loop(model: torch.nn.Module, objective: Objective,
         metrics_path.unlink()  # nothing to resume from: metrics of that attempt would mislead
     history = [obj for _, obj in iter_jsonl(metrics_path)] if metrics_path.exists() else []
 
+    trackers = open_trackers(cfg.report_to, out, cfg.run_config)
     model.train()
+    device = model_device(model)
     bar = _Bar(label, n_steps, state.step)
     val_loss: float | None = None
     batches: Sequence[Any] = []
@@ -399,7 +424,8 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                 window = batches[state.batch_in_epoch:state.batch_in_epoch + cfg.grad_accum]
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 started = time.perf_counter()
-                step = optimizer_step(model, objective, [collate(b) for b in window], params,
+                step = optimizer_step(model, objective,
+                                      [to_device(collate(b), device) for b in window], params,
                                       optimizer, scheduler, cfg)
                 state.step += 1
                 state.batch_in_epoch += len(window)
@@ -419,10 +445,12 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     row["mfu"] = shown["mfu"] = model_flops_utilization(state, cfg)
                 last = state.step == n_steps
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
-                    val_loss, val_metrics = evaluate_with_metrics(model, objective, val_batches)
+                    val_loss, val_metrics = evaluate_with_metrics(model, objective, val_batches,
+                                                                  cfg.autocast_dtype)
                     row["val_loss"] = val_loss
                     row.update({f"val_{k}": v for k, v in val_metrics.items()})
                 metrics_log.append(row)
+                trackers.log(row, state.step)
                 history.append(row)
                 bar.update(state.step, step.loss, rate, shown)
                 if cfg.save_every and state.step % cfg.save_every == 0 and not last:
@@ -432,6 +460,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
                     on_step(state)
     finally:
         bar.close()
+        trackers.close()
     losses = [h["loss"] for h in history[-10:]]
     return LoopResult(
         steps=state.step, train_loss=sum(losses) / len(losses) if losses else None,
@@ -471,8 +500,11 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, window: list[Ba
     denominator = max(weight, 1.0)
     total = 0.0
     metrics: dict[str, float] = {}
+    device = model_device(model)
     for batch in window:
-        loss_sum, batch_metrics = split_loss(objective.loss_sum(model, batch))
+        with autocast(device, cfg.autocast_dtype):  # forward only; backward runs outside
+            output = objective.loss_sum(model, batch)
+        loss_sum, batch_metrics = split_loss(output)
         loss = loss_sum / denominator
         loss.backward()
         total += float(loss.detach())

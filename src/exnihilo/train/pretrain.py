@@ -37,13 +37,16 @@ import torch
 from pydantic import Field
 
 from exnihilo import progress
+from exnihilo.devices import model_device, place_model, to_device, training_dtypes
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import DEFAULT_MODEL, load_model, load_tokenizer
+from exnihilo.models import DEFAULT_MODEL, load_tokenizer
 from exnihilo.train.loop import LoopResult, train_loop
 from exnihilo.train.run import (
     TrainConfig,
     count_parameters,
     enable_gradient_checkpointing,
+    given_model,
+    load_for_training,
     prepare_out,
     run_identity,
     save_final_model,
@@ -177,23 +180,48 @@ _PEAK: dict[tuple[str, int], float] = {}
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 512,
-                         seconds: float = 0.3) -> float:
-    """FLOP/s of a square `size` torch.matmul on this machine (current thread count),
-    measured once per process and dtype: the denominator of MFU."""
-    key = (str(dtype), torch.get_num_threads())
+                         seconds: float = 0.3, device: torch.device | None = None) -> float:
+    """FLOP/s of a square `size` torch.matmul on this machine (current thread count) or on
+    `device`, measured once per process, device and dtype: the denominator of MFU."""
+    device = device or torch.device("cpu")
+    key = (str(dtype), torch.get_num_threads(), str(device), size)
     if key not in _PEAK:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
+        a = torch.randn(size, size).to(device=device, dtype=dtype)
+        b = torch.randn(size, size).to(device=device, dtype=dtype)
         torch.matmul(a, b)  # warm-up (allocations, kernel choice)
+        sync(device)
         n, started = 0, time.perf_counter()
         while True:
             torch.matmul(a, b)
             n += 1
+            sync(device)  # GPU kernels are asynchronous: time them finished
             elapsed = time.perf_counter() - started
             if elapsed >= seconds and n >= 3:
                 break
         _PEAK[key] = 2.0 * size ** 3 * n / elapsed
     return _PEAK[key]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops_for(model: Any, loop_cfg: Any) -> float:
+    """The MFU denominator for `model` where it trains: matmuls in the dtype they run in
+    (the autocast dtype when mixed precision is on), large enough to fill a GPU."""
+    device = next(model.parameters()).device
+    dtype = getattr(torch, loop_cfg.autocast_dtype) if loop_cfg.autocast_dtype else \
+        next(model.parameters()).dtype
+    return measure_matmul_flops(dtype, 512 if device.type == "cpu" else 4096, device=device)
+
+
+def build_for_training(config: Any, cfg: TrainConfig) -> Any:
+    """A fresh model of `config` for a run of `cfg`: initialised on the CPU (the same
+    weights whatever the device), then moved to the run's device."""
+    device = cfg.torch_device()
+    return place_model(build_model(config, cfg.seed, training_dtypes(cfg.dtype, device)[0]),
+                       device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -295,11 +323,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, on_step: Any = None,
     train, val, meta = load_streams(cfg, tokenizer)
     identity["corpus"] = meta  # its key hashes the data's contents, tokenizer and split
     if model_obj is not None:
-        model = model_obj
+        model = given_model(model_obj, cfg)
     elif config is not None:
-        model = build_model(config, cfg.seed, cfg.dtype)
+        model = build_for_training(config, cfg)
     else:
-        model = load_model(cfg.model, cfg.dtype)
+        model = load_for_training(cfg.model, cfg)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         raise ExnihiloError(f"--seq-len {cfg.seq_len} exceeds the model's "
@@ -314,7 +342,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, on_step: Any = None,
         loop_cfg.max_steps, loop_cfg.epochs = steps_for_budget(cfg.tokens, train.n_rows, cfg)
     if cfg.measure_mfu and model.config.model_type == "gemma2":
         loop_cfg.flops_per_position = flops_per_position(model.config, cfg.seq_len)
-        loop_cfg.peak_flops = measure_matmul_flops(next(model.parameters()).dtype)
+        loop_cfg.peak_flops = peak_flops_for(model, loop_cfg)
     progress.note(f"{'pretraining ' + cfg.arch if cfg.arch else 'continual pretraining'}: "
                   f"{total:,} parameters · {train.n_tokens:,} training tokens in "
                   f"{meta['train_documents']:,} documents ({train.n_rows:,} rows of "
@@ -354,9 +382,10 @@ def heldout_perplexity(model: Any, stream: TokenStream, batch_size: int = 8,
     total, n = 0.0, 0
     was_training = model.training
     model.eval()
+    device = model_device(model)
     with torch.no_grad():
         for batch in batches:
-            lp = token_logprobs(model, batch)
+            lp = token_logprobs(model, to_device(batch, device))
             total -= float(lp.sum())
             n += int(lp.numel())
     model.train(was_training)

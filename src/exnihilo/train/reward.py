@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from exnihilo import progress
+from exnihilo.devices import inference_dtype, model_device, resolve_device
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import load_model, load_tokenizer, resolve_model
+from exnihilo.models import load_tokenizer, resolve_model
 from exnihilo.records import Record
 from exnihilo.styles import StyleName
 from exnihilo.train.collate import BatchPlan
@@ -44,6 +45,8 @@ from exnihilo.train.run import (
     TrainConfig,
     add_lora,
     count_parameters,
+    given_model,
+    load_for_training,
     prepare_out,
     run_identity,
     write_json_atomic,
@@ -177,10 +180,11 @@ def run_reward(cfg: RewardConfig, resume: bool = False, on_step: Any = None,
         raise ExnihiloError(f"{cfg.data}: no usable preference pairs ({report.summary()})")
     progress.note(report.summary())
     torch.manual_seed(cfg.seed)
-    lm = model_obj if model_obj is not None else load_model(cfg.model, cfg.dtype)
+    lm = given_model(model_obj, cfg) if model_obj is not None else \
+        load_for_training(cfg.model, cfg)
     if not cfg.full:
         lm = add_lora(lm, cfg)
-    model = RewardModel(lm)
+    model = RewardModel(lm).to(model_device(lm))  # the new head joins the LM's device
     prepare_out(out, identity, resume)
     trainable, _ = count_parameters(model)
     pairs = train + val
@@ -216,13 +220,19 @@ class RewardScorer:
     name = "reward"
 
     def __init__(self, model: str, style: str = "chat", batch_size: int = 8,
-                 dtype: str = "float32"):
+                 dtype: str = "auto", device: str | None = None):
         from transformers import AutoModelForSequenceClassification
 
+        from exnihilo.models import DTYPES
+
+        if dtype not in DTYPES:
+            raise ExnihiloError(f"--dtype {dtype!r}: known {', '.join(DTYPES)}")
+        target = resolve_device(device)
         folder = resolve_model(model)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True,
-            trust_remote_code=False).eval()
+            folder, dtype=getattr(torch, inference_dtype(DTYPES[dtype], target)),
+            local_files_only=True, use_safetensors=True, trust_remote_code=False).eval()
+        self.model.to(target)
         if self.model.config.num_labels != 1:
             raise ExnihiloError(f"--reward-model {model}: expected one output (a scalar "
                                 f"reward), it has {self.model.config.num_labels} labels")
@@ -243,6 +253,7 @@ class RewardScorer:
             chunk = rows[k:k + self.batch_size]
             batch = collate_sequences(chunk, pad)
             with torch.no_grad():
-                logits = self.model(input_ids=batch["input_ids"]).logits[:, 0]
+                ids = batch["input_ids"].to(model_device(self.model))
+                logits = self.model(input_ids=ids).logits[:, 0].float().cpu()
             scores += [float(v) for v in logits]
         return scores

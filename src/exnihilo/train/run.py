@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from exnihilo.devices import place_model, resolve_device, training_dtypes
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import DEFAULT_MODEL
+from exnihilo.models import DEFAULT_MODEL, load_model
 from exnihilo.records import source_sha256
 from exnihilo.train.loop import LoopConfig
 
@@ -55,17 +56,29 @@ class TrainConfig(BaseModel):
     save_every: int = Field(50, ge=0)
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
-    dtype: str = "float32"
+    # auto: float32 weights, with bfloat16 autocast on a GPU that supports it (exnihilo.devices)
+    dtype: str = "auto"
+    device: str | None = None  # None: the process default (exnihilo --device, else auto)
     # Recompute layer activations in backward. None: automatic for SFT (on from
     # CHECKPOINT_FROM_POSITIONS positions per micro-batch); True/False force it.
     gradient_checkpointing: bool | None = None
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Experiment trackers fed each metrics row (tensorboard, trackio, wandb); checked to be
+    # installed when the config is built, before any model loads.
+    report_to: list[str] = []
 
     # The method's default rates; subclasses override.
     default_lr_lora: ClassVar[float] = DEFAULT_LR_LORA
     default_lr_full: ClassVar[float] = DEFAULT_LR_FULL
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> list[str]:
+        from exnihilo.train.tracking import parse_report_to
+
+        return parse_report_to(value)
 
     @property
     def learning_rate(self) -> float:
@@ -73,17 +86,34 @@ class TrainConfig(BaseModel):
             return self.lr
         return self.default_lr_full if self.full else self.default_lr_lora
 
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
     def loop_config(self) -> LoopConfig:
         return LoopConfig(lr=self.learning_rate, weight_decay=self.weight_decay,
                           warmup_ratio=self.warmup_ratio, grad_accum=self.grad_accum,
                           max_grad_norm=self.max_grad_norm, epochs=self.epochs,
                           max_steps=self.max_steps, eval_every=self.eval_every,
                           save_every=self.save_every, seed=self.seed,
-                          lora_plus_ratio=self.lora_plus_ratio)
+                          lora_plus_ratio=self.lora_plus_ratio,
+                          report_to=tuple(self.report_to), run_config=self.model_dump(),
+                          autocast_dtype=training_dtypes(self.dtype, self.torch_device())[1])
+
+
+def load_for_training(name: str, cfg: TrainConfig) -> Any:
+    """`name` loaded for a run of `cfg`: on its device, in its training weights' dtype
+    (float32 under dtype auto; the loop's autocast supplies bfloat16 where it fits)."""
+    device = cfg.torch_device()
+    return load_model(name, training_dtypes(cfg.dtype, device)[0], device=device)
+
+
+def given_model(model_obj: Any, cfg: TrainConfig) -> Any:
+    """An in-memory model handed to a run: moved to `cfg.device` when one is set."""
+    return place_model(model_obj, cfg.device)
 
 
 # Settings that do not change the trained weights may differ when resuming.
-NOT_IDENTITY = {"out", "eval_every", "save_every"}
+NOT_IDENTITY = {"out", "eval_every", "save_every", "report_to", "device"}
 
 
 def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:

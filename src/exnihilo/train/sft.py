@@ -18,7 +18,7 @@ from pydantic import Field
 
 from exnihilo import progress
 from exnihilo.errors import ExnihiloError
-from exnihilo.models import load_model, load_tokenizer
+from exnihilo.models import load_tokenizer
 from exnihilo.styles import StyleName
 from exnihilo.train.collate import (
     BatchPlan,
@@ -47,7 +47,9 @@ from exnihilo.train.run import (  # noqa: F401  (re-exported: the SFT recipe's p
     add_lora,
     count_parameters,
     enable_gradient_checkpointing,
+    given_model,
     limit_heap_growth,
+    load_for_training,
     prepare_out,
     read_run_info,
     run_identity,
@@ -134,7 +136,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False, on_step: Any = None,
     data = build_data(cfg, tokenizer)
     progress.note(data.report.summary())
     torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from here; resume restores it
-    model = model_obj if model_obj is not None else load_model(cfg.model, cfg.dtype)
+    model = given_model(model_obj, cfg) if model_obj is not None else \
+        load_for_training(cfg.model, cfg)
     limit_heap_growth()
     if wants_checkpointing(cfg, cfg.max_length):
         enable_gradient_checkpointing(model)
