@@ -181,7 +181,7 @@ def deprecated_option(*names: str) -> Any:
 
 def pick_input(value: Any, old: Any, name: str, old_name: str) -> Any:
     """The positional `value` or its deprecated spelling `old`: exactly one must be given;
-    the old one works with a note on stderr."""
+    the old one works (and raises a hidden DeprecationWarning)."""
     if value is not None and old is not None:
         raise ExnihiloError(f"{name} given twice: positionally and as {old_name}; give it once")
     if value is None and old is None:
@@ -193,12 +193,12 @@ def pick_input(value: Any, old: Any, name: str, old_name: str) -> Any:
 
 
 def deprecated(old_name: str, instead: str) -> None:
-    """A one-line note that an old spelling was used (quiet under --quiet and --json)."""
-    import os
+    """Flag an old spelling as a DeprecationWarning: hidden by default (existing scripts,
+    their logs and their one-line errors stay as they were), shown with
+    PYTHONWARNINGS=default."""
+    import warnings
 
-    if not os.environ.get("EXNIHILO_QUIET") and not JSON_OUTPUT:
-        err_console.print(f"note: {old_name} is deprecated: {instead}", style="dim",
-                          highlight=False)
+    warnings.warn(f"{old_name} is deprecated: {instead}", DeprecationWarning, stacklevel=3)
 
 
 def models_command() -> None:
