@@ -577,3 +577,14 @@ def test_panel_judge_files_are_side_files_and_old_ones_resume(tmp_path):
     pooled, _ = judge_panel(factories, records, out=out)
     assert calls == [] and not old.exists()  # resumed from the old file, nothing re-judged
     assert [r["meta"]["tags"]["score"] for r in pooled] == [50.0, 50.0]
+
+
+@pytest.mark.parametrize("name,command", LEAVES, ids=[n for n, _ in LEAVES])
+def test_every_command_reports_through_emit(name, command):
+    """So `--json` covers it: each command's summary goes through `common.emit` (directly
+    or through merge's shared table printer)."""
+    import inspect
+
+    callback = inspect.unwrap(command.callback)
+    source = inspect.getsource(callback)
+    assert "emit(" in source or "_print_summaries(" in source, name
