@@ -552,3 +552,39 @@ def test_json_in_a_real_process_prints_only_json(tmp_path):
     r = run_cli("--json", "curate", "filter", str(tmp_path / "absent.jsonl"), "-o",
                 str(tmp_path / "k2.jsonl"), "--where", "quality>=good")
     assert r.returncode == 2 and r.stdout == "" and "absent.jsonl" in r.stderr
+
+
+def test_panel_judge_files_are_side_files_and_old_ones_resume(tmp_path):
+    from tests.helpers import ScriptedEngine
+
+    from exnihilo.evaluate.panels import judge_file, judge_panel
+
+    records = [{"id": k, "messages": [{"role": "user", "content": f"q{k}"},
+                                      {"role": "assistant", "content": k}],
+                "meta": {"reference": "r"}} for k in "ab"]
+    factories = [(name, lambda name=name: ScriptedEngine(lambda _: "50", name=name))
+                 for name in ("fake:one", "fake:two")]
+    out = tmp_path / "panel.jsonl"
+    assert judge_file(out, "fake:one") == tmp_path / ".exnihilo" / "panel.jsonl.fake_one.jsonl"
+    judge_panel(factories, records, out=out)
+    assert judge_file(out, "fake:one").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    old = tmp_path / "panel.fake_one.jsonl"  # where a run before .exnihilo/ kept it
+    judge_file(out, "fake:one").rename(old)
+    calls = []
+    factories[0] = ("fake:one", lambda: ScriptedEngine(lambda p: calls.append(p) or "50",
+                                                       name="fake:one"))
+    pooled, _ = judge_panel(factories, records, out=out)
+    assert calls == [] and not old.exists()  # resumed from the old file, nothing re-judged
+    assert [r["meta"]["tags"]["score"] for r in pooled] == [50.0, 50.0]
+
+
+@pytest.mark.parametrize("name,command", LEAVES, ids=[n for n, _ in LEAVES])
+def test_every_command_reports_through_emit(name, command):
+    """So `--json` covers it: each command's summary goes through `common.emit` (directly
+    or through merge's shared table printer)."""
+    import inspect
+
+    callback = inspect.unwrap(command.callback)
+    source = inspect.getsource(callback)
+    assert "emit(" in source or "_print_summaries(" in source, name

@@ -20,6 +20,7 @@ are pooled as usual.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from exnihilo.evaluate.judging import (
 )
 from exnihilo.evaluate.stats import cohen_kappa, krippendorff_alpha_interval, spearman
 from exnihilo.fields import score_of
+from exnihilo.outputs import make_side_dir, side_path
 from exnihilo.records import Record
 
 JudgeFactory = Callable[[], Engine]
@@ -49,10 +51,17 @@ JUDGE_FAILURES = (ExnihiloError, OSError, RuntimeError, ValueError)
 
 
 def judge_file(out: str | Path, judge: str) -> Path:
-    """Each panel judge's own resumable file beside the pooled output: OUT.<judge>.jsonl."""
+    """Each panel judge's own resumable file, a side file of the pooled output:
+    `.exnihilo/OUT.<judge>.jsonl` (a panel run before side files had their folder kept it
+    beside the output as OUT-stem.<judge>.jsonl: moved in, so the run resumes)."""
     out = Path(out)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge).strip("_")
-    return out.with_name(f"{out.stem}.{slug}{out.suffix or '.jsonl'}")
+    path = side_path(out, f"{slug}.jsonl")
+    old = out.with_name(f"{out.stem}.{slug}{out.suffix or '.jsonl'}")
+    if old.is_file() and not path.exists():
+        make_side_dir(path)
+        os.replace(old, path)
+    return path
 
 
 def _run_judge(label: str, factory: JudgeFactory, work: Callable[[Engine], Any]
