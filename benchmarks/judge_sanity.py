@@ -42,6 +42,7 @@ from exnihilo.evaluate import (  # noqa: E402
     pairwise_compare,
     perplexity,
 )
+from exnihilo.fields import score_of  # noqa: E402
 from exnihilo.records import Record, make_record  # noqa: E402
 
 EVAL_SET = Path(__file__).resolve().parents[2] / "shared/evalsets/rasbt-instruction-data.json"
@@ -56,7 +57,7 @@ def separation(right: list[Record], wrong: list[Record]) -> dict:
     """AUC and mean gap of the judge's scores, right answers against wrong ones; records the
     judge could not score are left out of both (and counted in the summaries)."""
     def scores(rs: list[Record]) -> list[float]:
-        return [r["meta"]["judge"]["score"] for r in rs if r["meta"]["judge"]["score"] is not None]
+        return [s for s in map(score_of, rs) if s is not None]
 
     pos, neg = scores(right), scores(wrong)
     gap = (sum(pos) / len(pos) - sum(neg) / len(neg)) if pos and neg else None

@@ -72,10 +72,10 @@ def stage_constraints(out: Path, s: dict[str, Any]) -> tuple[list[Any], list[Any
 
 
 def stage_pairs(out: Path, prompts: list[Any], s: dict[str, Any]) -> dict[str, Any]:
-    from exnihilo.synth.preference import IFEvalScorer, PairsConfig, synthesize_pairs
+    from exnihilo.synth.preference import IFEvalScorer, PairsConfig, summary_path, synthesize_pairs
 
     path = out / "pairs.jsonl"
-    summary = Path(f"{path}.summary.json")
+    summary = summary_path(path)
     if not summary.exists():
         engine = make_engine("transformers", DEFAULT_MODEL, batch_size=s["batch_sample"])
         cfg = PairsConfig(n=s["n"], max_new_tokens=s["sample_tokens"], alpha_step=1e-5,

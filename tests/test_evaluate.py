@@ -163,7 +163,7 @@ def test_judge_scores_counts_unparseable_and_summarises():
     assert isinstance(engine, Engine)
     records = [generated(q, f"answer to {q}", reference=f"reference {q}") for q in answers]
     results = judge_scores(engine, records)
-    scores = [r["meta"]["judge"]["score"] for r in results]
+    scores = [r["meta"]["tags"]["score"] for r in results]
     assert scores == [85.0, 70.0, None, None]
     assert [r["meta"]["judge"]["raw"] for r in results] == list(answers.values())
     assert all(r["meta"]["judge"]["judge"] == "fake:judge" for r in results)
@@ -210,7 +210,7 @@ def test_judge_resumes_from_its_output_and_refuses_another_judges_file(tmp_path)
     second = ScriptedEngine(lambda p: "60")
     results = judge_scores(second, records, out=out)
     assert second.rows_seen == 3
-    assert [r["meta"]["judge"]["score"] for r in results] == [50, 50, 60, 60, 60]
+    assert [r["meta"]["tags"]["score"] for r in results] == [50, 50, 60, 60, 60]
     on_disk = [obj for _, obj in iter_jsonl(out)]
     assert [r["id"] for r in on_disk] == [r["id"] for r in records]
 
@@ -563,7 +563,7 @@ def test_cli_bad_input_fails_in_one_line_before_loading_a_model(tmp_path):
                                                        str(other)))
 
     out = tmp_path / "out.jsonl"
-    line = one_error_line(run_cli("generate", "--data", str(tmp_path / "absent.json"),
+    line = one_error_line(run_cli("generate", str(tmp_path / "absent.json"),
                                   "-o", str(out)))
     assert "absent.json: no such file" in line and not out.exists()
 

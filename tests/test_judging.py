@@ -81,8 +81,9 @@ def test_logprob_judge_scores_every_answer_and_the_summary_keeps_confidence():
     records = [generated("Capital of France?", "Paris"), generated("2+2?", "5")]
     results = judge_scores(engine, records, mode="logprob")
     verdicts = [r["meta"]["judge"] for r in results]
-    assert verdicts[0]["score"] == pytest.approx(0.8 * 9 / 9 * 100)
-    assert verdicts[1]["score"] == pytest.approx(2 / 9 * 100, abs=1e-3)
+    scores = [r["meta"]["tags"]["score"] for r in results]
+    assert scores[0] == pytest.approx(0.8 * 9 / 9 * 100)
+    assert scores[1] == pytest.approx(2 / 9 * 100, abs=1e-3)
     assert [v["confidence"] for v in verdicts] == [pytest.approx(1.0), pytest.approx(0.5)]
     prompt = engine.calls[0][1][0][0]["content"]
     assert "from 0 to 9" in prompt and "single digit" in prompt
@@ -106,7 +107,7 @@ def test_logprob_scores_resume_and_refuse_a_generative_judges_file(tmp_path):
     calls = len(engine.calls)
     results = logprob_scores(engine, records, out=out)
     assert len(engine.calls) == calls + 1 and engine.calls[-1][1].__len__() == 1
-    assert [r["meta"]["judge"]["score"] for r in results] == [pytest.approx(500 / 9, abs=1e-3)] * 3
+    assert [r["meta"]["tags"]["score"] for r in results] == [pytest.approx(500 / 9, abs=1e-3)] * 3
     generative = ScriptedEngine(lambda _: "50", name="fake:judge")
     with pytest.raises(ExnihiloError, match="other settings"):
         judge_scores(generative, records, out=out)
@@ -125,7 +126,8 @@ def test_logprob_judge_on_tiny_llama_matches_the_full_softmax(tiny_llama, smol_t
                                 batch_size=2)
     record = generated("Say hi.", "Hi!", reference="Hello!")
     vocab = len(smol_tokenizer)
-    result = logprob_scores(engine, [record], top_k=vocab)[0]["meta"]["judge"]
+    scored = logprob_scores(engine, [record], top_k=vocab)[0]["meta"]
+    result = {**scored["judge"], "score": scored["tags"]["score"]}
 
     text = render(smol_tokenizer, [{"role": "user", "content": logprob_judge_prompt(
         record["messages"][:1], "Hi!", "Hello!")}], add_generation_prompt=True)
@@ -320,7 +322,7 @@ def test_a_score_panel_pools_means_measures_agreement_and_counts_a_failed_judge(
     two = scoring_judge("fake:two", {"alpha": "1", "beta": "2", "gamma": "4"})
     judges = [("one", lambda: one), ("down", failing_factory), ("two", lambda: two)]
     pooled, summary = judge_panel(judges, records, out=tmp_path / "panel.jsonl")
-    assert [r["meta"]["judge"]["score"] for r in pooled] == [1.0, 2.0, 3.5]
+    assert [r["meta"]["tags"]["score"] for r in pooled] == [1.0, 2.0, 3.5]
     assert pooled[2]["meta"]["judge"]["scores"] == {"fake:one": 3.0, "fake:two": 4.0}
     failed = [j for j in summary["judges"] if "failed" in j]
     assert failed == [{"judge": "down", "failed": 3,
@@ -383,7 +385,8 @@ def test_the_embedded_judge_in_logprob_mode_scores_every_answer(real_engine):
                generated("Name a primary color.", "", reference="Red.")]
     results = judge_scores(real_engine, records, mode="logprob")
     verdicts = [r["meta"]["judge"] for r in results]
-    assert all(v["score"] is not None and 0 <= v["score"] <= 100 for v in verdicts)
+    assert all(r["meta"]["tags"]["score"] is not None
+               and 0 <= r["meta"]["tags"]["score"] <= 100 for r in results)
     assert all(v["confidence"] > 0.01 for v in verdicts)
     option, p = choose_option(real_engine, [{"role": "user", "content": "What is the capital "
                                              "of France?"}], ["Berlin", "Paris", "Rome"])

@@ -106,7 +106,7 @@ def test_judge_and_pairwise_read_multi_turn_answers(question_file):
     scored = judge_scores(judge, a)
     shown = judge.calls[0][1][1][0]["content"]
     assert "answer to Times 3?" in shown and "answer to Minus 1?" in shown  # context + final
-    assert scored[1]["meta"]["judge"]["score"] == 70
+    assert scored[1]["meta"]["tags"]["score"] == 70
     pair_judge = ScriptedEngine(lambda _: "A")
     rows, summary = pairwise_compare(pair_judge, a, b)
     assert summary["n"] == 2 and summary["unmatched_a"] == 0

@@ -86,7 +86,7 @@ def test_the_walkthrough_runs(tmp_path, monkeypatch, capsys):
     assert len(ns["kept"]) == 4 and len(ns["train_set"]) == 5
     assert ns["run"].steps == 2
     assert (tmp_path / "runs" / "tiny-sft" / "config.json").exists()
-    assert (tmp_path / "runs" / "tiny-sft.data.jsonl").exists()  # in-memory data, saved once
+    assert (tmp_path / "runs" / ".exnihilo" / "tiny-sft.data.jsonl").exists()  # saved once
     assert ns["answers"][0]["messages"][-1]["content"] == "20 plus 22 is 42."
     assert ns["scores"].summary["mean"] == 85.0
     assert ns["ppl"].summary["scored"] == 5 and ns["ppl"].summary["perplexity"] > 1
@@ -117,6 +117,6 @@ def test_dpo_on_records_in_memory(tmp_path, tiny_llama, smol_tokenizer):
                           tokenizer=smol_tokenizer, max_steps=1, batch_size=2,
                           val_fraction=0.0)
     assert result.steps == 1
-    saved = exnihilo.load(tmp_path / "dpo.data.jsonl")
+    saved = exnihilo.load(tmp_path / ".exnihilo" / "dpo.data.jsonl")
     assert [r["chosen"]["content"] for r in saved] == ["yes", "blue", "ten", "hi"]
     assert (tmp_path / "dpo" / "config.json").exists()

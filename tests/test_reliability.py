@@ -430,7 +430,7 @@ def test_validation_before_loading(tmp_path):
              "--dtype 'fp8'"),
             (["curate", "tag", data, "-o", "t.jsonl", "--judge", missing, "--dtype", "fp8"],
              "--dtype 'fp8'"),
-            (["generate", "--data", data, "-o", data, "-m", missing], "output is the input")):
+            (["generate", data, "-o", data, "-m", missing], "output is the input")):
         line = one_error_line(cli(*args, cwd=tmp_path))
         assert message in line
 

@@ -42,7 +42,7 @@ def test_json_safe_and_write_results(tmp_path):
     path = results.write_results(tmp_path / "out.jsonl", "curate x",
                                  {"s": Summary(3, math.nan, (0.25, math.inf))}, inputs=[inp],
                                  config={"threshold": 0.5, "path": tmp_path})
-    assert path == tmp_path / "out.jsonl.results.json"
+    assert path == tmp_path / ".exnihilo" / "out.jsonl.results.json"
     data = check_schema(path, "curate x")
     assert data["metrics"] == {"s": {"kept": 3, "mean": None, "interval": [0.25, None]}}
     assert data["config"] == {"threshold": 0.5, "path": str(tmp_path)}

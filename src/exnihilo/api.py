@@ -31,6 +31,7 @@ from typing import Any
 from exnihilo.engines.base import Completion, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
+from exnihilo.outputs import side_file
 from exnihilo.records import Record, read_any, to_record, write_jsonl_atomic
 
 Data = str | Path | Iterable[Any]
@@ -210,11 +211,10 @@ def filter(data: Data, where: str | list[str], missing: str = "error") -> Record
 
 def _train_data(data: Data, out: str | Path) -> str:
     """A path for the trainers (they hash the data file into the run's identity): records
-    given in memory are saved once beside the run folder as `OUT.data.jsonl`."""
+    given in memory are saved once beside the run folder, as `.exnihilo/OUT.data.jsonl`."""
     if isinstance(data, (str, Path)) and not str(data).startswith("hf:"):
         return str(data)
-    out = Path(out)
-    path = out.with_name(out.name + ".data.jsonl")
+    path = side_file(out, "data.jsonl")
     write_jsonl_atomic(path, load(data))
     return str(path)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from exnihilo.engines.base import SamplingParams
 from exnihilo.errors import ExnihiloError
+from exnihilo.fields import score_of
 from exnihilo.models import DEFAULT_MODEL
 from exnihilo.progress import note
 from exnihilo.synth.magpie import MagpieConfig, synthesize
@@ -126,7 +127,7 @@ def evaluate_model(label: str, engine: Any, judge: Any, records: list[dict], wor
     gen, js = generation_summary(generated), judge_summary(judged)
     nll = [r["nll"] / r["tokens"] for r in ppl_rows]
     low, high = perplexity_interval(ppl_rows)
-    scores = {r["meta"]["prompt_id"]: (r["meta"]["judge"] or {}).get("score") for r in judged}
+    scores = {r["meta"]["prompt_id"]: score_of(r) for r in judged}
     return {"model": label, "judge_mean": js["mean"], "judge_stderr": js["stderr"],
             "judged": f"{js['scored']}/{js['n']}", "unparseable": js["unparseable"],
             "perplexity": ppl["perplexity"],

@@ -15,7 +15,6 @@ over a tenth of the dedup threshold (see `benchmarks/curate.py`).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,11 @@ def embedder_path() -> Path:
 
 
 def load_embedder(device: str = "cpu") -> Any:
-    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer; never touches a model hub."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """The packaged all-MiniLM-L6-v2 as a SentenceTransformer; never touches a model hub.
+
+    Offline by argument (a local folder, `local_files_only=True`), not by setting
+    HF_HUB_OFFLINE: a library call must not switch the hub off for the rest of a process
+    (a notebook's own `load_dataset("org/x")` would break)."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

@@ -13,6 +13,8 @@ Every writer in exnihilo goes through these functions:
 - `OutputLock(out)`: an advisory exclusive lock (`fcntl.flock`) on a side file
   `.NAME.lock` holding the writer's PID, so a second process appending to the same output
   fails at once, naming the first.
+- `side_file(out, kind)`: side files (resume state, skip logs, summaries) go to a hidden
+  `.exnihilo/` folder beside the output, out of the way of data globs.
 - `repair_torn_tail(path)`: a crash can leave a last line without its newline; it is cut
   only when it is not a complete JSON value (a complete one gets its newline instead).
 
@@ -90,6 +92,8 @@ def check_writable(path: str | Path) -> None:
         return
     target = resolved(path) if path.is_symlink() else path
     parent = target.parent if str(target.parent) else Path(".")
+    if parent.name == SIDE_DIR and not parent.exists():
+        parent = parent.parent  # the side folder is made by the first write (make_side_dir)
     if target.is_dir():
         raise ExnihiloError(f"{path}: is a directory, expected a file path")
     if parent.exists() and not parent.is_dir():
@@ -142,6 +146,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
             raise os_error(path, e) from None
         return
     target = resolved(path)  # a symlinked output updates the file it points to
+    make_side_dir(target)
     keep_mode = (stat.S_IMODE(target.stat().st_mode) if target.exists()
                  else _new_file_mode())
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -237,6 +242,47 @@ def _is_complete_json(data: bytes) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ side files
+
+# Side files (resume state, skip logs, summaries, results, caches) live in a hidden folder
+# beside the output: `datasets.load_dataset("json", data_dir=…)` and `*.jsonl` globs then
+# see only the data, since both skip hidden paths.
+SIDE_DIR = ".exnihilo"
+
+
+def side_path(out: str | Path, kind: str) -> Path:
+    """Where the side file `kind` (e.g. "skipped.jsonl") of `out` lives:
+    `<dir>/.exnihilo/<name>.<kind>`."""
+    out = Path(out)
+    return out.parent / SIDE_DIR / f"{out.name}.{kind}"
+
+
+def legacy_side_path(out: str | Path, kind: str) -> Path:
+    """Where runs made before side files had their own folder kept it: `<out>.<kind>`."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.{kind}")
+
+
+def make_side_dir(path: str | Path) -> None:
+    """Create the side-file folder `path` is in, if it is one (just before its first
+    write, so a run refused during validation leaves no empty folder behind)."""
+    parent = Path(path).parent
+    if parent.name == SIDE_DIR:
+        parent.mkdir(parents=True, exist_ok=True)
+
+
+def side_file(out: str | Path, kind: str) -> Path:
+    """`side_path(out, kind)`; a side file of an older run (beside the output) is moved
+    there first, so resuming that run finds its state. The folder itself is made by the
+    first write (`atomic_write`, `check_writable`), so a run refused early leaves none."""
+    new, old = side_path(out, kind), legacy_side_path(out, kind)
+    if old.is_file() and not os.path.lexists(new):
+        with contextlib.suppress(OSError):  # an unwritable folder fails later, naming it
+            new.parent.mkdir(exist_ok=True)
+            os.replace(old, new)
+    return new
+
+
 # ------------------------------------------------------------------------------ the lock
 
 def lock_path(out: str | Path) -> Path:
@@ -279,6 +325,7 @@ class OutputLock:
         return self
 
     def _lock_file(self) -> int:
+        make_side_dir(self.path)  # a side file's lock sits in the side folder
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

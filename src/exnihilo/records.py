@@ -140,9 +140,40 @@ def read_any(path: str | Path) -> list[Record]:
     through `to_record`, so formats may be mixed; a row that cannot become a record is an
     error naming its file and line (or row), never a quiet skip.
     """
-    if str(path).startswith(HF_PREFIX):
-        return read_hf_dataset(str(path))
-    return [to_record(obj, where) for where, obj in iter_rows(path)]
+    return [to_record(obj, where) for where, obj in iter_source_rows(path)]
+
+
+def iter_source_rows(source: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed object) for every row of a data source: a JSONL/JSON/parquet file or
+    `hf:org/name[:split]` from the local hub cache. The one reader behind every command's
+    input (training data, preference pairs, eval sets), so each accepts every source."""
+    if str(source).startswith(HF_PREFIX):
+        for path in hf_split_files(str(source)):
+            yield from iter_rows(path)
+        return
+    yield from iter_rows(source)
+
+
+def source_sha256(source: str | Path) -> str:
+    """A content hash of a data source: a file's sha256; for `hf:org/name[:split]`, the
+    sha256 over its cached split files (relative name and content), so a changed or
+    re-downloaded dataset is a different run."""
+    if not str(source).startswith(HF_PREFIX):
+        return _file_sha256(Path(source))
+    repo_id, split = parse_hf_source(str(source))
+    h = hashlib.sha256(f"{repo_id}:{split}".encode())  # hf:org/x and hf:org/x:train agree
+    for path in hf_split_files(str(source)):
+        h.update(b"\0" + path.name.encode() + b"\0" + _file_sha256(path).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    _check_input(path)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -242,6 +273,12 @@ def split_files(snapshot: Path, split: str) -> list[Path]:
 
 def read_hf_dataset(source: str) -> list[Record]:
     """Records of `hf:org/name[:split]` from the local hub cache only (never downloaded)."""
+    return [to_record(obj, where) for where, obj in iter_source_rows(source)]
+
+
+def hf_split_files(source: str) -> list[Path]:
+    """The cached data files of `hf:org/name[:split]`, in name order; a dataset that is not
+    in the local cache, or a split with no files, is an error naming the source."""
     repo_id, split = parse_hf_source(source)
     snapshot = cached_snapshot(repo_id, "dataset")
     if snapshot is None:
@@ -254,7 +291,7 @@ def read_hf_dataset(source: str) -> list[Record]:
                         if p.suffix in DATA_SUFFIXES})
         raise ExnihiloError(f"{source}: no data files for split {split!r} in {snapshot} "
                             f"(data files there: {', '.join(found[:8]) or 'none'})")
-    return [record for f in files for record in read_any(f)]
+    return files
 
 
 # ------------------------------------------------------------------------- formats in
@@ -458,6 +495,7 @@ class JsonlAppender:
     def append(self, record: Record) -> None:
         try:
             if self._f is None:
+                outputs.make_side_dir(self.path)
                 self._f = self.path.open("a", encoding="utf-8")
             self._f.write(dumps(record) + "\n")
             self._f.flush()

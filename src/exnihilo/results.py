@@ -1,7 +1,7 @@
 """One machine-readable results file per eval and curate run, in the spirit of lm-eval's.
 
 Every `exnihilo eval …` and `exnihilo curate …` run that writes an output also writes
-`<OUT>.results.json` beside it:
+`.exnihilo/<OUT>.results.json` beside it:
 
     {"schema": "exnihilo.results/1", "command": "eval judge", "created": "2026-…Z",
      "config": {every option as given}, "inputs": [{"path", "sha256", "bytes"}],
@@ -35,9 +35,8 @@ VERSIONED = ("exnihilo", "torch", "transformers", "peft", "huggingface-hub")
 
 
 def results_path(out: str | Path) -> Path:
-    """`<OUT>.results.json`, beside the command's output."""
-    out = Path(out)
-    return out.with_name(out.name + ".results.json")
+    """`<dir>/.exnihilo/<OUT name>.results.json`, in the output's side-file folder."""
+    return outputs.side_file(out, "results.json")
 
 
 def text_hash(text: str) -> str:
@@ -141,7 +140,7 @@ def build_results(command: str, metrics: Any, *, output: str | Path | None,
 def write_results(out: str | Path, command: str, metrics: Any, *,
                   inputs: list[str | Path] | tuple = (), config: dict[str, Any] | None = None,
                   templates: dict[str, str | None] | None = None) -> Path:
-    """Write `<OUT>.results.json` atomically beside the output `out`; returns its path."""
+    """Write `.exnihilo/<OUT>.results.json` atomically beside the output `out`; returns its path."""
     path = results_path(out)
     results = build_results(command, metrics, output=out, inputs=inputs, config=config,
                             templates=templates)

@@ -8,7 +8,7 @@ judge, pairwise) opens it through `ResumableOutput`:
    run (`outputs.OutputLock`): a second writer fails at once, naming the first;
 2. a torn last line from a killed run is repaired (`outputs.repair_torn_tail`);
 3. the settings that change the output (model, seed, sampling, prompts, ...) are recorded
-   in a side file `<out>.settings.json` when the output is started, and compared on every
+   in a side file `.exnihilo/<out>.settings.json` when the output is started, and compared on every
    rerun: a difference is an error naming each setting, before anything is written (and,
    when the CLI calls `check_resumable` first, before any model loads). An output that holds
    rows but no settings record (another command's file, a hand-made one) is refused too:
@@ -38,8 +38,7 @@ SETTINGS_VERSION = 1
 
 
 def settings_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".settings.json")
+    return outputs.side_file(out, "settings.json")
 
 
 def row_key(row: Any) -> str:

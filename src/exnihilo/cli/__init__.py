@@ -57,7 +57,12 @@ def root(ctx: typer.Context,
                                                   "local cache (safetensors only)."),
          quiet: bool = typer.Option(False, "--quiet", "-q",
                                     help="Print only errors (tables, notes and progress "
-                                         "bars off); files are written as usual.")) -> None:
+                                         "bars off); files are written as usual."),
+         json_output: bool = typer.Option(False, "--json",
+                                          help="Print the command's summary as one JSON "
+                                               "object on stdout (tables and notes off; "
+                                               "warnings and progress stay on stderr).")
+         ) -> None:
     """Make small language models better starting from nothing."""
     import os
 
@@ -66,9 +71,10 @@ def root(ctx: typer.Context,
     from exnihilo.models import allow_downloads
     from exnihilo.threads import apply_threads
 
+    common.console.quiet = quiet  # (each run in one process, e.g. a notebook, sets it anew)
     if quiet:
-        common.console.quiet = True
         os.environ["EXNIHILO_QUIET"] = os.environ["EXNIHILO_NO_PROGRESS"] = "1"
+    common.set_json_output(json_output)
     apply_threads(threads)
     set_default_device(device)  # an unavailable --device fails here, before any model loads
     apply(ctx, config, print_config)

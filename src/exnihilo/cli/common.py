@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
@@ -17,6 +18,39 @@ from exnihilo.errors import ExnihiloError
 # (a "[/x]" in a record must not crash the print, a "[link=…]" must not vanish).
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
+
+# Set by the root `--json` option: each command's summary goes to stdout as one JSON object
+# and the human-readable tables and lines are off (warnings and progress stay on stderr).
+JSON_OUTPUT = False
+
+
+def set_json_output(on: bool) -> None:
+    """`exnihilo --json …`: summaries as JSON on stdout, nothing else there."""
+    global JSON_OUTPUT
+    JSON_OUTPUT = on
+    if on:
+        console.quiet = True
+
+
+def emit(summary: Any, show: Callable[[], None] | None = None) -> None:
+    """A command's final summary: `show()` prints it for people; under `--json` it is one
+    JSON object on stdout instead (dataclasses, paths and NaN made JSON-safe, as in
+    results.json). Without `show`, the summary is printed as a two-column table."""
+    if JSON_OUTPUT:
+        import json
+
+        from exnihilo.results import json_safe
+
+        sys.stdout.write(json.dumps(json_safe(summary), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    if show is not None:
+        show()
+        return
+    table = Table(show_header=False)
+    for key, value in (summary.items() if isinstance(summary, dict) else []):
+        table.add_row(str(key), "-" if value is None else str(value))
+    console.print(table)
 
 
 def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
@@ -128,17 +162,60 @@ def report_to_option() -> Any:
         "always work).")
 
 
+# One spelling per concept (checked over the whole command tree by a test):
+# the data a command reads is its first positional argument; -o/--out names its output;
+# -m/--model the model it runs or trains; -j/--judge the model that judges. Old spellings
+# stay working as hidden options (`deprecated_option`), so existing scripts keep running.
+
+
+def input_argument(help: str, metavar: str = "DATA") -> Any:
+    """The data a command reads, given positionally (optional here so that the deprecated
+    option spelling can stand in; `pick_input` makes exactly one of them required)."""
+    return typer.Argument(None, help=help, metavar=metavar, show_default=False)
+
+
+def deprecated_option(*names: str) -> Any:
+    """An old spelling of an option or argument, still accepted, hidden from --help."""
+    return typer.Option(None, *names, hidden=True)
+
+
+def pick_input(value: Any, old: Any, name: str, old_name: str) -> Any:
+    """The positional `value` or its deprecated spelling `old`: exactly one must be given;
+    the old one works (and raises a hidden DeprecationWarning)."""
+    if value is not None and old is not None:
+        raise ExnihiloError(f"{name} given twice: positionally and as {old_name}; give it once")
+    if value is None and old is None:
+        raise ExnihiloError(f"missing argument {name} (see --help)")
+    if old is not None:
+        deprecated(old_name, f"give {name} as the first argument")
+        return old
+    return value
+
+
+def deprecated(old_name: str, instead: str) -> None:
+    """Flag an old spelling as a DeprecationWarning: hidden by default (existing scripts,
+    their logs and their one-line errors stay as they were), shown with
+    PYTHONWARNINGS=default."""
+    import warnings
+
+    warnings.warn(f"{old_name} is deprecated: {instead}", DeprecationWarning, stacklevel=3)
+
+
 def models_command() -> None:
     """List the models exnihilo can use right now, and where each comes from."""
     from exnihilo.models import cache_dir, list_models
 
-    table = Table(title="models", show_lines=False)
-    table.add_column("name", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    for col in ("where", "description"):
-        table.add_column(col, overflow="fold")
-    for row in list_models():
-        table.add_row(row["name"], row["status"], row["where"], row["description"])
-    console.print(table)
-    console.print(f"cache: {cache_dir()}  ·  also accepted: any Hugging Face model folder or "
-                  f".gguf file path")
+    rows = list_models()
+
+    def show() -> None:
+        table = Table(title="models", show_lines=False)
+        table.add_column("name", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        for col in ("where", "description"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(row["name"], row["status"], row["where"], row["description"])
+        console.print(table)
+        console.print(f"cache: {cache_dir()}  ·  also accepted: any Hugging Face model folder "
+                      f"or .gguf file path")
+    emit({"models": rows, "cache": str(cache_dir())}, show)

@@ -94,9 +94,15 @@ def _plain(value: Any) -> Any:
 
 def _printer(path: list[str], order: list[str]) -> Any:
     """A leaf command's replacement callback: print its merged options as a config file,
-    in the command's own option order."""
+    in the command's own option order. A value given by a deprecated spelling (a hidden
+    `<name>_option`, e.g. `--data` for the positional DATA) is printed under `<name>`."""
     def print_config(**params: Any) -> None:
         import yaml
+
+        for name, value in list(params.items()):
+            base = name.removesuffix("_option")
+            if base != name and base in params and value is not None:
+                params[base] = value
 
         tree: dict[str, Any] = {k: _plain(params[k]) for k in order if k in params}
         for name in reversed(path):
@@ -110,7 +116,8 @@ def print_instead(command: Any, path: list[str]) -> None:
     objects are built afresh for each invocation by typer, so this changes only this run."""
     subcommands = getattr(command, "commands", None)
     if subcommands is None:
-        command.callback = _printer(path, [p.name for p in command.params if p.name])
+        command.callback = _printer(path, [p.name for p in command.params
+                                           if p.name and not getattr(p, "hidden", False)])
         return
     for name, sub in subcommands.items():
         print_instead(sub, [*path, name])

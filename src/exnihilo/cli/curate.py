@@ -15,7 +15,10 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated,
+    deprecated_option,
     dtype_option,
+    emit,
     engine_option,
 )
 from exnihilo.errors import ExnihiloError
@@ -39,8 +42,8 @@ def _counter_table(title: str, counts: dict[str, Counter], total: int) -> Table:
 
 
 def _results(out: Path, command: str, metrics: Any, data: Path, prompt: str | None = None,
-             judge: str | None = None, engine: str | None = None) -> None:
-    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+             judge: str | None = None, engine: str | None = None) -> Path:
+    """`.exnihilo/<OUT>.results.json`: config, versions, template hashes and the summary."""
     from exnihilo.results import model_template_hash, prompt_hash, write_results
 
     templates = {}
@@ -48,15 +51,14 @@ def _results(out: Path, command: str, metrics: Any, data: Path, prompt: str | No
         templates = {f"{prompt}_prompt": prompt_hash(prompt),
                      f"chat_template:{judge}": (model_template_hash(judge)
                                                 if engine == "transformers" else None)}
-    path = write_results(out, command, metrics, inputs=[data], templates=templates)
-    console.print(f"results → {path}", highlight=False)
+    return write_results(out, command, metrics, inputs=[data], templates=templates)
 
 
 @app.command("tag")
 def tag_command(
     data: Path = typer.Argument(..., help="Input records (JSONL, Alpaca or ShareGPT)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output JSONL (appended; rerun to resume)."),
-    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-m", help=MODEL_HELP),
+    judge: str = typer.Option("smollm2-135m-instruct", "--judge", "-j", help=MODEL_HELP),
     engine: str = engine_option(),
     base_url: list[str] = base_url_option(),
     concurrency: int = concurrency_option(),
@@ -73,6 +75,7 @@ def tag_command(
                                   "judge); logprob: each tag is the label the judge finds most "
                                   "likely, never unreadable (local engine or a server with "
                                   "top_logprobs)."),
+    judge_option: str = deprecated_option("-m"),
 ) -> None:
     """Tag quality, difficulty and task category with any model as the judge.
 
@@ -84,6 +87,9 @@ def tag_command(
     from exnihilo.outputs import check_output
     from exnihilo.resume import check_resumable
 
+    if judge_option is not None:
+        deprecated("-m", "the judge is -j/--judge")
+        judge = judge_option
     if mode not in MODES:
         raise ExnihiloError(f"--mode {mode!r}: known {', '.join(MODES)}")
     check_engine(engine, base_url, dtype)
@@ -94,13 +100,18 @@ def tag_command(
                          base_urls=base_url, concurrency=concurrency, label="tagging")
     summary = tag_file(data, out, model, score=score, batch_size=batch_size, seed=seed,
                        max_new_tokens=max_new_tokens, mode=mode)
-    console.print(_counter_table(f"tags in {out}", summary.distributions,
-                                 summary.output_records))
-    unparsed = ", ".join(f"{k} {v}" for k, v in sorted(summary.unparsed.items())) or "none"
-    console.print(f"tagged {summary.tagged:,} now, {summary.already_tagged:,} already tagged, "
-                  f"{summary.duplicate_ids:,} duplicate ids skipped; unreadable answers this "
-                  f"run: {unparsed}; {summary.output_records:,} records in {out}")
-    _results(out, "curate tag", summary, data, "tag", judge, engine)
+    results = _results(out, "curate tag", summary, data, "tag", judge, engine)
+
+    def show() -> None:
+        console.print(_counter_table(f"tags in {out}", summary.distributions,
+                                     summary.output_records))
+        unparsed = ", ".join(f"{k} {v}" for k, v in sorted(summary.unparsed.items())) or "none"
+        console.print(f"tagged {summary.tagged:,} now, {summary.already_tagged:,} already "
+                      f"tagged, {summary.duplicate_ids:,} duplicate ids skipped; unreadable "
+                      f"answers this run: {unparsed}; {summary.output_records:,} records in "
+                      f"{out}")
+        console.print(f"results → {results}", highlight=False)
+    emit({**vars(summary), "out": out, "results": results}, show)
 
 
 @app.command("dedup")
@@ -128,20 +139,24 @@ def dedup_command(
     check_output(out, [data])
     summary = dedup_file(data, out, threshold, k=k, method=method, batch_size=batch_size,
                          note=note)
-    table = Table(title=f"dedup {data} → {out}")
-    table.add_column("step")
-    table.add_column("records", justify="right")
-    table.add_row("input", f"{summary.input_records:,}")
-    table.add_row("exact duplicates removed", f"{summary.exact_duplicates:,}")
-    table.add_row(f"near duplicates removed (distance ≤ {summary.threshold:g})",
-                  f"{summary.near_duplicates:,}")
-    table.add_row("output", f"{summary.output_records:,}")
-    console.print(table)
-    median = ("–" if summary.min_distance_median is None
-              else f"{summary.min_distance_median:.3f}")
-    console.print(f"neighbour search: {summary.method}, {summary.passes} pass(es); median "
-                  f"min_neighbor_distance in output: {median}")
-    _results(out, "curate dedup", summary, data)
+    results = _results(out, "curate dedup", summary, data)
+
+    def show() -> None:
+        table = Table(title=f"dedup {data} → {out}")
+        table.add_column("step")
+        table.add_column("records", justify="right")
+        table.add_row("input", f"{summary.input_records:,}")
+        table.add_row("exact duplicates removed", f"{summary.exact_duplicates:,}")
+        table.add_row(f"near duplicates removed (distance ≤ {summary.threshold:g})",
+                      f"{summary.near_duplicates:,}")
+        table.add_row("output", f"{summary.output_records:,}")
+        console.print(table)
+        median = ("–" if summary.min_distance_median is None
+                  else f"{summary.min_distance_median:.3f}")
+        console.print(f"neighbour search: {summary.method}, {summary.passes} pass(es); median "
+                      f"min_neighbor_distance in output: {median}")
+        console.print(f"results → {results}", highlight=False)
+    emit({**vars(summary), "out": out, "results": results}, show)
 
 
 @app.command("filter")
@@ -166,17 +181,22 @@ def filter_command(
         raise ExnihiloError(f"{data}: no records (empty file)")
     kept, report = apply_filters(records, rules, on_missing=missing)
     write_jsonl_atomic(out, kept)
-    table = Table(title=f"filter {data} → {out}")
-    table.add_column("rule", overflow="fold", min_width=24)
-    for col in ("fails alone", "removed", "null tag", "missing"):
-        table.add_column(col, justify="right")
-    for rule in report.rules:
-        table.add_row(rule.rule, f"{rule.failed:,}", f"{rule.removed:,}", f"{rule.null:,}",
-                      f"{rule.missing:,}")
-    console.print(table)
-    console.print(f"kept {report.output_records:,} of {report.input_records:,} records → {out} "
-                  f"('removed' applies the rules in order; 'fails alone' counts each on its own)")
-    _results(out, "curate filter", report, data)
+    results = _results(out, "curate filter", report, data)
+
+    def show() -> None:
+        table = Table(title=f"filter {data} → {out}")
+        table.add_column("rule", overflow="fold", min_width=24)
+        for col in ("fails alone", "removed", "null tag", "missing"):
+            table.add_column(col, justify="right")
+        for rule in report.rules:
+            table.add_row(rule.rule, f"{rule.failed:,}", f"{rule.removed:,}",
+                          f"{rule.null:,}", f"{rule.missing:,}")
+        console.print(table)
+        console.print(f"kept {report.output_records:,} of {report.input_records:,} records → "
+                      f"{out} ('removed' applies the rules in order; 'fails alone' counts each "
+                      f"on its own)")
+        console.print(f"results → {results}", highlight=False)
+    emit({**vars(report), "out": out, "results": results}, show)
 
 
 @app.command("rules")
@@ -184,4 +204,5 @@ def rules_command() -> None:
     """Show the filter language: fields, operators and examples."""
     from exnihilo.curate import filters
 
-    console.print(filters.__doc__, highlight=False, markup=False, soft_wrap=True)
+    emit({"rules": filters.__doc__},
+         lambda: console.print(filters.__doc__, highlight=False, markup=False, soft_wrap=True))

@@ -8,11 +8,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, deprecated_option, emit
 
 
 def demo_command(
-    workdir: Path = typer.Option(Path("data/demo"), "--workdir",
+    workdir: Path = typer.Option(Path("data/demo"), "-o", "--out",
                                  help="Where the demo writes its files (a rerun reuses them)."),
     n: int = typer.Option(24, "-n", help="Magpie pairs to synthesize."),
     epochs: int = typer.Option(2, "--epochs", help="LoRA SFT epochs over the Magpie pairs."),
@@ -23,17 +23,31 @@ def demo_command(
     ifeval_limit: int = typer.Option(24, "--ifeval-limit", min=1,
                                      help="The first N IFEval prompts, answered by both "
                                           "models and checked by code."),
+    workdir_option: Path = deprecated_option("--workdir"),
 ) -> None:
     """The whole loop on the embedded SmolLM2-135M-Instruct: Magpie synthesis from nothing →
     LoRA SFT → base and tuned answer held-out ch07 and IFEval prompts → instructions followed
     (checked by code), reference perplexity and judge score, with intervals and the paired
     differences."""
-    from exnihilo.cli.synth import print_summary
+    from exnihilo.cli.common import deprecated
     from exnihilo.demo import DemoConfig, run_demo
+
+    if workdir_option is not None:
+        deprecated("--workdir", "use -o/--out")
+        workdir = workdir_option
 
     console.rule(Text("exnihilo demo on smollm2-135m-instruct", style="bold"))
     result = run_demo(DemoConfig(workdir=workdir, n=n, epochs=epochs, eval_limit=eval_limit,
                                  eval_set=eval_set, ifeval_limit=ifeval_limit))
+    magpie = {k: v for k, v in result.magpie.items() if k != "examples"}
+    emit({"magpie": magpie, "sft": result.sft, "rows": result.rows,
+          "differences": result.differences, "warning": result.warning,
+          "files": result.files, "seconds": result.seconds}, lambda: _print_demo(result))
+
+
+def _print_demo(result) -> None:
+    from exnihilo.cli.synth import print_summary
+
     print_summary(result.magpie, show=2)
     sft = result.sft
     console.print(f"SFT (LoRA, merged): {sft['out']} · steps {sft['steps']} · train loss "

@@ -15,9 +15,13 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
+    emit,
     engine_option,
     err_console,
+    input_argument,
+    pick_input,
 )
 
 app = typer.Typer(help="Evaluate answers: judge scores (0-100), pairwise win rate, perplexity, "
@@ -92,8 +96,8 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
 
 
 def _results(out: Path, command: str, metrics: Any, inputs: list[Path], prompt: str | None,
-             models: list[str], engine: str) -> None:
-    """`<OUT>.results.json`: config, versions, template hashes and the summary."""
+             models: list[str], engine: str) -> Path:
+    """`.exnihilo/<OUT>.results.json`: config, versions, template hashes and the summary."""
     from exnihilo.results import model_template_hash, prompt_hash, write_results
 
     templates: dict[str, str | None] = {f"{prompt}_prompt": prompt_hash(prompt)} if prompt \
@@ -101,8 +105,12 @@ def _results(out: Path, command: str, metrics: Any, inputs: list[Path], prompt: 
     for m in models:
         templates[f"chat_template:{m}"] = (model_template_hash(m) if engine == "transformers"
                                            else None)
-    path = write_results(out, command, metrics, inputs=inputs, templates=templates)
-    console.print(f"results → {path}", highlight=False)
+    return write_results(out, command, metrics, inputs=inputs, templates=templates)
+
+
+def _print_results(path: Path | None) -> None:
+    if path is not None:
+        console.print(f"results → {path}", highlight=False)
 
 
 def _print_unparseable(examples: list[str]) -> None:
@@ -153,9 +161,13 @@ def judge_command(
             _judge_factories(judge, engine, base_url, concurrency, batch_size, dtype),
             records, params, out=out, mode=mode)
         write_jsonl_atomic(out, pooled)
-        _print_panel(panel, judge)
-        console.print(f"pooled scores → {out}", highlight=False)
-        _results(out, "eval judge", panel, [file], "judge", judge, engine)
+        results = _results(out, "eval judge", panel, [file], "judge", judge, engine)
+
+        def show_panel() -> None:
+            _print_panel(panel, judge)
+            console.print(f"pooled scores → {out}", highlight=False)
+            _print_results(results)
+        emit({**panel, "out": out, "results": results}, show_panel)
         return
     judge = judge[0]
     _warn_if_weak(judge)
@@ -163,11 +175,15 @@ def judge_command(
                                     dtype)[0][1]()
     results = judge_scores(judge_engine, records, params, out=out, mode=mode)
     summary = judge_summary(results)
-    console.print(_summary_table(f"judge scores → {out}", summary))
-    histogram = "  ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
-    console.print(f"histogram  {histogram}", highlight=False)
-    _print_unparseable(summary["unparseable_examples"])
-    _results(out, "eval judge", summary, [file], "judge", [judge], engine)
+    results_file = _results(out, "eval judge", summary, [file], "judge", [judge], engine)
+
+    def show() -> None:
+        console.print(_summary_table(f"judge scores → {out}", summary))
+        histogram = "  ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
+        console.print(f"histogram  {histogram}", highlight=False)
+        _print_unparseable(summary["unparseable_examples"])
+        _print_results(results_file)
+    emit({**summary, "out": out, "results": results_file}, show)
     _warn_if_weak(judge)
 
 
@@ -221,26 +237,33 @@ def pairwise_command(
         pooled, panel = pairwise_panel(factories, records_a, records_b, params, out=out,
                                        mode=mode, length_control=length_control)
         write_jsonl_atomic(out, pooled)
-        _print_panel(panel, judge)
-        console.print(f"pooled verdicts → {out}", highlight=False)
-        _results(out, "eval pairwise", panel, [a, b], "pairwise", judge, engine)
+        results = _results(out, "eval pairwise", panel, [a, b], "pairwise", judge, engine)
+
+        def show_panel() -> None:
+            _print_panel(panel, judge)
+            console.print(f"pooled verdicts → {out}", highlight=False)
+            _print_results(results)
+        emit({**panel, "out": out, "results": results}, show_panel)
         return
     _warn_if_weak(judge[0])
     _, summary = pairwise_compare(factories[0][1](), records_a, records_b, params, out=out,
                                   mode=mode, length_control=length_control)
     summary["a"] = f"{a.name} ({summary['a']})"
     summary["b"] = f"{b.name} ({summary['b']})"
-    console.print(_summary_table(f"pairwise A vs B → {out}", summary))
-    _print_unparseable(summary["unparseable_examples"])
-    _results(out, "eval pairwise", summary, [a, b], "pairwise", judge, engine)
+    results = _results(out, "eval pairwise", summary, [a, b], "pairwise", judge, engine)
+
+    def show() -> None:
+        console.print(_summary_table(f"pairwise A vs B → {out}", summary))
+        _print_unparseable(summary["unparseable_examples"])
+        _print_results(results)
+    emit({**summary, "out": out, "results": results}, show)
     _warn_if_weak(judge[0])
 
 
 @app.command("perplexity")
 def perplexity_command(
-    data: Path = typer.Option(..., "--data", "-d",
-                              help="Eval set with reference answers (our JSONL, Alpaca, "
-                                   "ShareGPT)."),
+    data: Path = input_argument("Eval set with reference answers (our JSONL, Alpaca, "
+                                "ShareGPT)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
     limit: int = typer.Option(None, "--limit", "-n", help="Use the first N prompts."),
     offset: int = typer.Option(0, "--offset", help="Skip the first K prompts."),
@@ -252,6 +275,7 @@ def perplexity_command(
     max_length: int = typer.Option(2048, "--max-length", min=2,
                                    help="Skip (and count) longer prompt+answer pairs."),
     out: Path = typer.Option(None, "-o", "--out", help="Per-record NLL JSONL (optional)."),
+    data_option: Path = deprecated_option("--data", "-d"),
 ) -> None:
     """Perplexity of the reference answers given their prompts (no judge needed).
 
@@ -261,18 +285,24 @@ def perplexity_command(
     from exnihilo.outputs import check_output
     from exnihilo.records import write_jsonl_atomic
 
+    data = pick_input(data, data_option, "DATA", "--data")
     check_engine("transformers", None, dtype)
     if out is not None:
         check_output(out, [data])
     records = load_eval_set(data, limit=limit, offset=offset)
     rows, summary = model_perplexity(model, records, style=style, dtype=dtype,
                                      batch_size=batch_size, max_length=max_length)
+    results = None
     if out is not None:
         write_jsonl_atomic(out, rows)
         summary["out"] = str(out)
-    console.print(_summary_table("perplexity of the reference answers", summary))
-    if out is not None:
-        _results(out, "eval perplexity", summary, [data], None, [model], "transformers")
+        results = _results(out, "eval perplexity", summary, [data], None, [model],
+                           "transformers")
+
+    def show() -> None:
+        console.print(_summary_table("perplexity of the reference answers", summary))
+        _print_results(results)
+    emit({**summary, "results": results}, show)
 
 
 @app.command("choice")
@@ -315,8 +345,15 @@ def choice_command(
                           label="scoring")
     _, summary = choice_accuracy(scorer, items, shuffles=shuffles, seed=seed,
                                  length_norm=length_norm, out=out, style=style)
-    low, high = summary.pop("interval_95")
-    summary["interval_95"] = f"[{low}, {high}]"
-    console.print(_summary_table(f"multiple choice: {file.name}", summary))
+    interval = summary.pop("interval_95")
+    results = None
     if out is not None:
-        _results(out, "eval choice", summary, [file], None, [model], "transformers")
+        results = _results(out, "eval choice", {**summary, "interval_95": interval}, [file],
+                           None, [model], "transformers")
+
+    def show() -> None:
+        low, high = interval
+        console.print(_summary_table(f"multiple choice: {file.name}",
+                                     {**summary, "interval_95": f"[{low}, {high}]"}))
+        _print_results(results)
+    emit({**summary, "interval_95": interval, "out": out, "results": results}, show)

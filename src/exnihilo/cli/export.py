@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 
 app = typer.Typer(help="Export a model for other runtimes (llama.cpp, Ollama, LM Studio) or "
                        "data for other trainers (TRL, axolotl, LLaMA-Factory, the hub).",
@@ -38,6 +38,10 @@ def export_gguf_command(
     from exnihilo.export.gguf import export_gguf
 
     result = export_gguf(model, out, qtype=qtype, ollama=ollama)
+    emit(result, lambda: _print_gguf(result, qtype))
+
+
+def _print_gguf(result, qtype: str) -> None:
     types = ", ".join(f"{n} {t}" for t, n in sorted(result.tensor_types.items()))
     console.print(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {qtype}: "
                   f"{result.n_tensors} tensors: {types}; tokenizer pre {result.pre_tokenizer}; "
@@ -67,8 +71,9 @@ def export_data_command(
     from exnihilo.export.data import export_data
 
     result = export_data(data, out, fmt)
-    console.print(f"wrote {result.path}: {result.rows} rows, {result.format} "
-                  f"({result.layout})", highlight=False, soft_wrap=True)
+    emit(result, lambda: console.print(f"wrote {result.path}: {result.rows} rows, "
+                                       f"{result.format} ({result.layout})", highlight=False,
+                                       soft_wrap=True))
 
 
 app.command("data")(export_data_command)

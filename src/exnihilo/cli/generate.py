@@ -13,14 +13,17 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
+    emit,
     engine_option,
+    input_argument,
+    pick_input,
 )
 
 
 def generate_command(
-    data: Path = typer.Option(..., "--data", "-d",
-                              help="Eval set: our JSONL, Alpaca JSON/JSONL or ShareGPT."),
+    data: Path = input_argument("Eval set: our JSONL, Alpaca JSON/JSONL or ShareGPT."),
     out: Path = typer.Option(..., "-o", "--out",
                              help="Output JSONL (appended as it goes; rerun to resume)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
@@ -44,13 +47,12 @@ def generate_command(
         None, "--draft-model", help="Speculative decoding with this small draft model (same "
         "tokenizer; local engine, one prompt at a time): the output keeps the model's own "
         "distribution, greedy output is token-identical."),
+    data_option: Path = deprecated_option("--data", "-d"),
 ) -> None:
     """Answer every prompt of an eval set with one model, batched and resumable.
 
     The reference answer stays in meta.reference, so `exnihilo eval judge` can score
     against it."""
-    from rich.table import Table
-    from rich.text import Text
 
     from exnihilo.assemble import check_engine
     from exnihilo.engines.base import SamplingParams
@@ -63,6 +65,7 @@ def generate_command(
     )
     from exnihilo.resume import check_resumable
 
+    data = pick_input(data, data_option, "DATA", "--data")
     check_engine(engine, base_url, dtype)
     check_resumable(out, "generate", None, inputs=[data])  # input clash, lock, torn file
     records = load_eval_set(data, limit=limit, offset=offset)  # fail before loading a model
@@ -77,6 +80,14 @@ def generate_command(
     started = time.perf_counter()
     results = generate_responses(gen, records, params, style=style, out=out)
     summary = generation_summary(results, time.perf_counter() - started)
+    emit({"model": model, "style": style, **summary, "out": out},
+         lambda: _print_generated(summary, results, model, style, out, show))
+
+
+def _print_generated(summary: dict, results: list[dict], model: str, style: str, out: Path,
+                     show: int) -> None:
+    from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"generate → {out}", show_header=False)
     table.add_row("model", f"{model} (style {style})")

@@ -19,6 +19,7 @@ from exnihilo.cli.common import (
     concurrency_option,
     console,
     dtype_option,
+    emit,
     engine_option,
 )
 from exnihilo.ifeval.score import DEFAULT_INPUT
@@ -111,18 +112,27 @@ def ifeval_command(
     if out is not None:
         write_results(out, results)
     summary = summarize(results, resamples=resamples)
-    console.print(_summary_table(summary, title=f"IFEval ({summary['n_prompts']} prompts, "
-                                               f"{summary['n_instructions']} instructions)"))
-    console.print(_instruction_table(summary["by_instruction"]))
-    if other is not None:
-        diff = paired_difference(results, other, resamples=resamples)
-        console.print(_summary_table(diff, title=f"this run minus {str(compare)} "
-                                                 f"({diff['n_prompts']} prompts)", signed=True))
-    if out is not None:
-        console.print(f"results → {str(out)}", highlight=False)
-        _write_results(out, summary, input_path, responses, model, engine)
-    if model is not None and responses_out is not None:
-        console.print(f"answers → {str(responses_out)}", highlight=False)
+    diff = paired_difference(results, other, resamples=resamples) if other is not None else None
+    results_file = (_write_results(out, summary, input_path, responses, model, engine)
+                    if out is not None else None)
+    answers_out = responses_out if model is not None else None
+
+    def show() -> None:
+        console.print(_summary_table(summary, title=f"IFEval ({summary['n_prompts']} prompts, "
+                                                   f"{summary['n_instructions']} "
+                                                   f"instructions)"))
+        console.print(_instruction_table(summary["by_instruction"]))
+        if diff is not None:
+            console.print(_summary_table(diff, title=f"this run minus {str(compare)} "
+                                                     f"({diff['n_prompts']} prompts)",
+                                         signed=True))
+        if out is not None:
+            console.print(f"results → {str(out)}", highlight=False)
+            console.print(f"results → {results_file}", highlight=False)
+        if answers_out is not None:
+            console.print(f"answers → {str(answers_out)}", highlight=False)
+    emit({**summary, "difference": diff, "out": out, "results": results_file,
+          "responses_out": answers_out}, show)
 
 
 def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
@@ -140,15 +150,15 @@ def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
 
 
 def _write_results(out: Path, summary: dict[str, Any], input_path: Path,
-                   responses: Path | None, model: str | None, engine: str) -> None:
-    """`<OUT>.results.json`: config, versions, the model's chat template hash, the summary."""
+                   responses: Path | None, model: str | None, engine: str) -> Path:
+    """`.exnihilo/<OUT>.results.json`: config, versions, the model's chat template hash and
+    the summary."""
     from exnihilo.results import model_template_hash, write_results
 
     templates = {f"chat_template:{model}": model_template_hash(model)
                  if engine == "transformers" else None} if model else {}
-    path = write_results(out, "eval ifeval", summary, inputs=[input_path, responses],
+    return write_results(out, "eval ifeval", summary, inputs=[input_path, responses],
                          templates=templates)
-    console.print(f"results → {path}", highlight=False)
 
 
 def _pct(x: float, signed: bool = False) -> str:

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 from exnihilo.errors import ExnihiloError
 
 
 def _print_summaries(summaries: list) -> None:
+    emit({"outputs": summaries}, lambda: _summary_table(summaries))
+
+
+def _summary_table(summaries: list) -> None:
     from rich.table import Table
 
     table = Table(show_header=True)
@@ -74,8 +78,9 @@ def warp_command(
     if eval_pairs is not None and not Path(eval_pairs).is_file():
         raise ExnihiloError(f"--eval-pairs {eval_pairs}: no such file")
     summaries = warp_sweep(init, all_policies, _eta_grid(eta_sweep), out)
-    _print_summaries(summaries)
-    if eval_pairs is not None:
+    if eval_pairs is None:
+        _print_summaries(summaries)
+    else:
         import json
 
         from exnihilo.merge.sweep import sweep_report, sweep_table
@@ -87,8 +92,13 @@ def warp_command(
                            eval_pairs, limit=eval_limit)
         write_text_atomic(out / "sweep.json", json.dumps(rows, indent=2))
         sweep_report(rows, out / "sweep.html")
-        for row in rows:
-            console.print(f"η {row['eta']:<5g} reward margin {row['reward_margin']:+.4f} · "
-                          f"accuracy {100 * row['reward_accuracy']:.1f} % · KL to init "
-                          f"{row['kl_to_init']:.6f}", highlight=False)
-        console.print(f"sweep → {out / 'sweep.html'}", highlight=False)
+
+        def show() -> None:
+            _summary_table(summaries)
+            for row in rows:
+                console.print(f"η {row['eta']:<5g} reward margin "
+                              f"{row['reward_margin']:+.4f} · accuracy "
+                              f"{100 * row['reward_accuracy']:.1f} % · KL to init "
+                              f"{row['kl_to_init']:.6f}", highlight=False)
+            console.print(f"sweep → {out / 'sweep.html'}", highlight=False)
+        emit({"outputs": summaries, "sweep": rows, "report": out / "sweep.html"}, show)

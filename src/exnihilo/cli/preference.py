@@ -14,8 +14,12 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    deprecated_option,
     dtype_option,
+    emit,
     engine_option,
+    input_argument,
+    pick_input,
     report_to_option,
 )
 from exnihilo.errors import ExnihiloError
@@ -36,12 +40,12 @@ def _threads(threads: int | None) -> None:
 
 
 def dpo_command(
-    data: str = typer.Option(..., "--data", help="Preference pairs: our records (messages + "
-                             "chosen + rejected), TRL's prompt/chosen/rejected (strings or "
-                             "conversations) or instruction/input/chosen/rejected JSON."),
-    out: str = typer.Option(..., "--out", help="Output folder: becomes a plain Hugging Face "
-                            "model folder plus metrics.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Starting model (and, with "
+    data: str = input_argument("Preference pairs: our records (messages + chosen + "
+                               "rejected), TRL's prompt/chosen/rejected (strings or "
+                               "conversations) or instruction/input/chosen/rejected JSON."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: becomes a plain Hugging "
+                            "Face model folder plus metrics.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Starting model (and, with "
                               "LoRA, the reference: the adapter disabled)."),
     loss: str = typer.Option("sigmoid", "--loss", help="sigmoid (DPO), ipo, hinge, robust, "
                              "simpo, sft, or a weighted sum such as sigmoid+0.5*sft."),
@@ -90,10 +94,12 @@ def dpo_command(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
     report_to: list[str] = report_to_option(),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """Preference optimization: DPO, IPO, SimPO … on pairs (LoRA by default)."""
     from exnihilo.train.dpo import DPOConfig, run_dpo
 
+    data = pick_input(data, data_option, "DATA", "--data")
     try:
         cfg = DPOConfig(
             data=data, out=out, model=model, loss=loss, beta=beta, gamma=gamma,
@@ -110,6 +116,10 @@ def dpo_command(
         raise _config_error(e) from None
     _threads(threads)
     result = run_dpo(cfg, resume=resume)
+    emit(result, lambda: _print_dpo(result, cfg.out))
+
+
+def _print_dpo(result, out: str) -> None:
     m = result.final_metrics
     acc = m.get("val_reward_accuracy", m.get("reward_accuracy"))
     margin = m.get("val_reward_margin", m.get("reward_margin"))
@@ -118,28 +128,28 @@ def dpo_command(
         f"loss {result.train_loss:.4f} · reward accuracy "
         f"{'–' if acc is None else f'{acc:.2f}'} · margin "
         f"{'–' if margin is None else f'{margin:.3f}'} · {result.pairs_per_s:.2f} pairs/s")
-    console.print(f"model: {cfg.out}  (reference: {result.reference}; metrics: "
+    console.print(f"model: {out}  (reference: {result.reference}; metrics: "
                   f"{result.out}/metrics.jsonl)")
 
 
 def synth_pairs_command(
-    prompts: str = typer.Option(..., "--prompts", help="Prompts: any records (a trailing "
-                                "answer is ignored), or IFEval-format rows from `synth "
-                                "constraints`."),
+    prompts: str = input_argument("Prompts: any records (a trailing answer is ignored), or "
+                                  "IFEval-format rows from `synth constraints`.",
+                                  metavar="PROMPTS"),
     out: str = typer.Option(..., "-o", "--out", help="Output JSONL of preference records "
-                            "(samples and scores kept in meta); <out>.samples.jsonl holds "
-                            "progress, so rerunning resumes."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The model that samples."),
+                            "(samples and scores kept in meta); .exnihilo/<out>.samples.jsonl "
+                            "holds progress, so rerunning resumes."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="The model that samples."),
     n: int = typer.Option(8, "-n", help="Samples per prompt."),
     scorer: str = typer.Option("ifeval", "--scorer", help="ifeval (checkers on the prompt's "
                                "constraints), implicit (DPO reward of --model vs "
-                               "--reference), judge (--judge-model rates 1-10) or reward "
+                               "--reference), judge (--judge rates 1-10) or reward "
                                "(--reward-model, a sequence-classification model)."),
     reward_model: str | None = typer.Option(None, "--reward-model", help="reward: e.g. a "
                                             "`train reward` run."),
     reference: str | None = typer.Option(None, "--reference", help="implicit: the reference "
                                          "model the policy was trained against."),
-    judge_model: str | None = typer.Option(None, "--judge-model", help="judge: the rating "
+    judge_model: str | None = typer.Option(None, "-j", "--judge", help="judge: the rating "
                                            "model (same --engine)."),
     style: str = typer.Option("chat", "--style", help="implicit: the prompt style the policy "
                               "was trained with."),
@@ -161,12 +171,19 @@ def synth_pairs_command(
     dtype: str = dtype_option(),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per generate call."),
     threads: int | None = typer.Option(None, "--threads"),
+    prompts_option: str = deprecated_option("--prompts"),
+    judge_model_option: str = deprecated_option("--judge-model"),
 ) -> None:
     """Preference pairs from a model's own samples: best vs worst by a scorer, with DICE's
     length-regularized choice."""
+    from exnihilo.cli.common import deprecated
     from exnihilo.records import read_any
-    from exnihilo.synth.preference import PairsConfig, synthesize_pairs
+    from exnihilo.synth.preference import PairsConfig, summary_path, synthesize_pairs
 
+    prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
+    if judge_model_option is not None:
+        deprecated("--judge-model", "use -j/--judge")
+        judge_model = judge_model or judge_model_option
     if scorer not in ("ifeval", "implicit", "judge", "reward"):
         raise ExnihiloError(f"--scorer {scorer!r}: known scorers are ifeval, implicit, judge, "
                             f"reward")
@@ -175,7 +192,7 @@ def synth_pairs_command(
     if scorer == "implicit" and not reference:
         raise ExnihiloError("--scorer implicit needs --reference (the policy's reference)")
     if scorer == "judge" and not judge_model:
-        raise ExnihiloError("--scorer judge needs --judge-model")
+        raise ExnihiloError("--scorer judge needs --judge")
     records = read_any(prompts)[:limit] if limit else read_any(prompts)
     if not records:
         raise ExnihiloError(f"{prompts}: no prompts")
@@ -188,13 +205,16 @@ def synth_pairs_command(
     sampler = build_engine(engine, model, dtype, batch_size, base_url, concurrency,
                            label="sampling")
     summary = synthesize_pairs(sampler, scoring, records, cfg, out)
-    console.print(
-        f"done: {summary.pairs} pairs from {summary.prompts} prompts "
-        f"({summary.too_few_valid} with too few valid samples, {summary.tied} tied) · "
-        f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
-        f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
-        f"{summary.mean_rejected_score:.3f}")
-    console.print(f"pairs: {out}  (summary: {out}.summary.json)")
+
+    def show() -> None:
+        console.print(
+            f"done: {summary.pairs} pairs from {summary.prompts} prompts "
+            f"({summary.too_few_valid} with too few valid samples, {summary.tied} tied) · "
+            f"α {summary.alpha:g} · chosen {summary.mean_chosen_chars:.0f} chars vs rejected "
+            f"{summary.mean_rejected_chars:.0f} · score {summary.mean_chosen_score:.3f} vs "
+            f"{summary.mean_rejected_score:.3f}")
+        console.print(f"pairs: {out}  (summary: {summary_path(Path(out))})")
+    emit(summary, show)
 
 
 def make_scorer(kind: str, model: str, reference: str | None, judge_model: str | None,
@@ -222,8 +242,8 @@ def make_scorer(kind: str, model: str, reference: str | None, judge_model: str |
 
 
 def synth_constraints_command(
-    source: str = typer.Option(..., "--from", help="Instructions: any records (Magpie "
-                               "output, Alpaca, …); the first user message is used."),
+    source: str = input_argument("Instructions: any records (Magpie output, Alpaca, …); the "
+                                 "first user message is used."),
     out: str = typer.Option(..., "-o", "--out", help="Output JSONL in IFEval's input format "
                             "(prompt, instruction_id_list, kwargs)."),
     seed: int = typer.Option(0, "--seed"),
@@ -231,24 +251,29 @@ def synth_constraints_command(
                                         "per prompt."),
     eval_set: str | None = typer.Option(None, "--eval-set", help="IFEval's input_data.jsonl: "
                                         "instructions overlapping its prompts are dropped."),
+    source_option: str = deprecated_option("--from"),
 ) -> None:
     """IFEval-style constraint prompts (never the evaluation prompts) for `synth pairs
     --scorer ifeval`."""
     from exnihilo.records import read_any, write_jsonl_atomic
     from exnihilo.synth.constraints import make_constraint_prompts
 
+    source = pick_input(source, source_option, "DATA", "--from")
     rows, dropped = make_constraint_prompts(read_any(source), seed, max_constraints, eval_set)
     write_jsonl_atomic(out, rows)
     counts = {k: sum(len(r["instruction_id_list"]) == k for r in rows) for k in (1, 2, 3)}
-    console.print(f"done: {len(rows)} prompts ({json.dumps(counts)} by number of "
-                  f"constraints; {dropped} dropped as evaluation overlap) → {Path(out)}")
+    emit({"prompts": len(rows), "by_constraints": counts, "dropped_overlap": dropped,
+          "out": out},
+         lambda: console.print(f"done: {len(rows)} prompts ({json.dumps(counts)} by number of "
+                               f"constraints; {dropped} dropped as evaluation overlap) → "
+                               f"{Path(out)}"))
 
 
 def dice_command(
-    model: str = typer.Option(..., "--model", help="π_0: a DPO'd model folder (e.g. a "
+    prompts: str = input_argument("Prompts to sample (any records).", metavar="PROMPTS"),
+    model: str = typer.Option(..., "-m", "--model", help="π_0: a DPO'd model folder (e.g. a "
                               "`train dpo` run)."),
-    prompts: str = typer.Option(..., "--prompts", help="Prompts to sample (any records)."),
-    out: str = typer.Option(..., "--out", help="Output folder: iter-t/ per iteration "
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: iter-t/ per iteration "
                             "(pairs, mix, model, manifest.json)."),
     reference: str | None = typer.Option(None, "--reference", help="π_0's reference; "
                                          "default: the base model its run recorded."),
@@ -271,12 +296,14 @@ def dice_command(
     dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads"),
     report_to: list[str] = report_to_option(),
+    prompts_option: str = deprecated_option("--prompts"),
 ) -> None:
     """DICE: iterate DPO on pairs the model ranks with its own implicit reward; rerun the
     same command to resume at any stage."""
     from exnihilo.train.dice import DiceConfig, run_dice
     from exnihilo.train.tracking import parse_report_to
 
+    prompts = pick_input(prompts, prompts_option, "PROMPTS", "--prompts")
     dpo = {"beta": beta, "epochs": epochs, "batch_size": batch_size, "dtype": dtype}
     if lr is not None:
         dpo["lr"] = lr
@@ -295,18 +322,21 @@ def dice_command(
     _threads(threads)
     manifests = run_dice(cfg, lambda m: build_engine("transformers", m, dtype,
                                                      label="sampling"))
-    for m in manifests:
-        s = m["stages"]
-        console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
-                      f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
-                      f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
+    def show() -> None:
+        for m in manifests:
+            s = m["stages"]
+            console.print(f"iteration {m['iteration']}: {s['pairs']['pairs']} new pairs (α "
+                          f"{s['pairs']['alpha']:g}), {s['mix']['pairs']} trained · DPO loss "
+                          f"{s['dpo']['train_loss']:.4f} → {s['dpo']['model']}")
+    emit({"out": out, "iterations": manifests}, show)
 
 
 def reward_command(
-    data: str = typer.Option(..., "--data", help="Preference pairs (any supported format)."),
-    out: str = typer.Option(..., "--out", help="Output folder: a sequence-classification "
+    data: str = input_argument("Preference pairs (any supported format)."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: a sequence-classification "
                             "model (one scalar) plus metrics.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="The causal LM under the head."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model",
+                              help="The causal LM under the head."),
     style: str = typer.Option("chat", "--style"),
     full: bool = typer.Option(False, "--full", help="Train every weight instead of LoRA."),
     epochs: int = typer.Option(1, "--epochs"),
@@ -326,10 +356,12 @@ def reward_command(
                               "autocast on a GPU that supports it), float32 or bfloat16."),
     threads: int | None = typer.Option(None, "--threads"),
     report_to: list[str] = report_to_option(),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """A Bradley–Terry reward model: a scalar head on a causal LM, trained on pairs."""
     from exnihilo.train.reward import RewardConfig, run_reward
 
+    data = pick_input(data, data_option, "DATA", "--data")
     try:
         cfg = RewardConfig(data=data, out=out, model=model, style=style, full=full,
                            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -340,8 +372,11 @@ def reward_command(
         raise _config_error(e) from None
     _threads(threads)
     result = run_reward(cfg, resume=resume)
-    acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
-    console.print(f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
-                  f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
-    console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
-                  f"--reward-model {result.out}`)")
+
+    def show() -> None:
+        acc = "–" if result.val_accuracy is None else f"{result.val_accuracy:.3f}"
+        console.print(f"done: {result.steps} steps in {result.train_seconds:.0f} s · "
+                      f"train loss {result.train_loss:.4f} · held-out pairwise accuracy {acc}")
+        console.print(f"reward model: {result.out}  (use: `synth pairs --scorer reward "
+                      f"--reward-model {result.out}`)")
+    emit(result, show)

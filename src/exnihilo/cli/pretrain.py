@@ -11,7 +11,14 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console, report_to_option
+from exnihilo.cli.common import (
+    console,
+    deprecated_option,
+    emit,
+    input_argument,
+    pick_input,
+    report_to_option,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -37,9 +44,9 @@ THREADS_HELP = "Torch threads (default: $EXNIHILO_THREADS or torch's own choice)
 
 
 def pretrain_command(
-    data: str = typer.Option(..., "--data", help="Text corpus: {\"text\"} JSONL (e.g. `synth "
-                             "documents --corpus-out`), a .txt/.md file, or a folder of them."),
-    out: str = typer.Option(..., "--out", help="Output folder: a plain Hugging Face model "
+    data: str = input_argument("Text corpus: {\"text\"} JSONL (e.g. `synth documents "
+                               "--corpus-out`), a .txt/.md file, or a folder of them."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: a plain Hugging Face model "
                             "folder plus metrics.jsonl."),
     arch: str | None = typer.Option(None, "--arch", help="A Gemma 2 preset to train from "
                                     "scratch: gemma2-micro, gemma2-tiny, gemma2-small, "
@@ -86,11 +93,13 @@ def pretrain_command(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """Pretrain a Gemma 2 model from a preset, or continue pretraining a model, on text."""
     from exnihilo.train.pretrain import PretrainConfig, run_pretrain
     from exnihilo.train.tokens import parse_token_count
 
+    data = pick_input(data, data_option, "DATA", "--data")
     if (arch is None) == (from_model is None):
         raise ExnihiloError("give exactly one of --arch PRESET (from scratch) or --from MODEL "
                             "(continual pretraining)")
@@ -115,6 +124,10 @@ def pretrain_command(
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_pretrain(cfg, resume=resume)
+    emit(r, lambda: _print_pretrain(r))
+
+
+def _print_pretrain(r) -> None:
     mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "–"
     console.print(f"[bold]done[/bold]: {r.steps} steps, {r.trained_tokens:,} tokens in "
                   f"{r.train_seconds:.0f} s · {r.trained_tokens_per_s:,.0f} tok/s · MFU {mfu}"
@@ -125,9 +138,10 @@ def pretrain_command(
 
 
 def distill_command(
+    data: str = input_argument("Text corpus (as `train pretrain DATA`)."),
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (name, folder, .gguf)."),
-    data: str = typer.Option(..., "--data", help="Text corpus (as `train pretrain --data`)."),
-    out: str = typer.Option(..., "--out"),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: the student as a plain "
+                            "Hugging Face model folder plus metrics.jsonl."),
     student: str | None = typer.Option(None, "--student", help="Student model to train "
                                        "(name or folder, e.g. a `prune` output)."),
     student_arch: str | None = typer.Option(None, "--student-arch", help="Or a fresh Gemma 2 "
@@ -167,11 +181,13 @@ def distill_command(
                               "autocast on a GPU that supports it), float32 or bfloat16."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
+    data_option: str = deprecated_option("--data"),
 ) -> None:
     """Distill a teacher into a student on text: KL / reverse KL / JSD, optionally on-policy."""
     from exnihilo.train.distill import DistillConfig, run_distill
     from exnihilo.train.tokens import parse_token_count
 
+    data = pick_input(data, data_option, "DATA", "--data")
     if (student is None) == (student_arch is None):
         raise ExnihiloError("give exactly one of --student MODEL or --student-arch PRESET")
     _threads(threads)
@@ -188,6 +204,10 @@ def distill_command(
     except ValidationError as e:
         raise _config_error(e) from None
     r = run_distill(cfg, resume=resume)
+    emit(r, lambda: _print_distill(r, loss))
+
+
+def _print_distill(r, loss: str) -> None:
     console.print(f"[bold]done[/bold]: {r.steps} steps in {r.train_seconds:.0f} s · "
                   f"{r.trained_tokens_per_s:,.0f} tok/s · train {loss} {_fmt(r.train_loss)} · "
                   f"held-out {loss} {_fmt(r.val_loss)}")
@@ -196,10 +216,10 @@ def distill_command(
 
 
 def prune_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model to prune."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Model to prune."),
     calibration: str = typer.Option(..., "--calibration", help="Text corpus whose "
                                     "activations score importance."),
-    out: str = typer.Option(..., "--out", help="Folder for the smaller HF model."),
+    out: str = typer.Option(..., "-o", "--out", help="Folder for the smaller HF model."),
     depth: int | None = typer.Option(None, "--depth", help="Layers to keep."),
     depth_method: str = typer.Option("block", "--depth-method", help="block (1 − cos of a "
                                      "layer's input and output) or loss (loss increase when "
@@ -229,6 +249,10 @@ def prune_command(
                            depth_method=depth_method)  # type: ignore[arg-type]
     r = run_prune(model, calibration, out, targets, rows=rows, seq_len=seq_len,
                   batch_size=batch_size, dtype=dtype)
+    emit(r, lambda: _print_prune(r, model))
+
+
+def _print_prune(r, model: str) -> None:
     console.print(f"[bold]done[/bold]: {r.params_before:,} → {r.params_after:,} parameters "
                   f"({100 * r.params_after / r.params_before:.0f}%) · {r.shape_before} → "
                   f"{r.shape_after} · calibration loss {r.calibration_loss_before:.3f} → "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import console
+from exnihilo.cli.common import console, emit
 from exnihilo.errors import ExnihiloError
 
 
@@ -36,10 +36,13 @@ def report_command(
                                 f"({files} is not a folder)")
         runs = write_run_report(folders, out, title=title)
         sizes = ", ".join(f"{r.name} ({r.rows[-1]['step']:,} steps)" for r in runs)
-        console.print(f"wrote {out}: {sizes}")
+        emit({"out": out, "runs": [{"name": r.name, "steps": r.rows[-1]["step"]}
+                                   for r in runs]},
+             lambda: console.print(f"wrote {out}: {sizes}"))
         return
     from exnihilo.report.html import write_report
 
     stats = write_report(data, out, samples=samples, title=title)
     sizes = ", ".join(f"{s.name} ({s.records:,})" for s in stats)
-    console.print(f"wrote {out}: {sizes}")
+    emit({"out": out, "datasets": [{"name": s.name, "records": s.records} for s in stats]},
+         lambda: console.print(f"wrote {out}: {sizes}"))

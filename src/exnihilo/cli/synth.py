@@ -13,6 +13,7 @@ from exnihilo.cli.common import (
     concurrency_option,
     console,
     dtype_option,
+    emit,
     engine_option,
 )
 
@@ -59,7 +60,8 @@ def magpie_command(
         response_temperature=response_temperature, response_top_p=response_top_p)
     config = validate_magpie_job(job)  # options, output, lock, resume: before loading
     summary = run_magpie_job(job, config)
-    print_summary(summary, show)
+    emit({k: v for k, v in summary.items() if k != "examples"},
+         lambda: print_summary(summary, show))
 
 
 def print_summary(summary: dict, show: int) -> None:

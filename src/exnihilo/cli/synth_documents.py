@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from exnihilo.cli.common import MODEL_HELP, base_url_option, console, dtype_option, engine_option
+from exnihilo.cli.common import (
+    MODEL_HELP,
+    base_url_option,
+    console,
+    dtype_option,
+    emit,
+    engine_option,
+)
 
 
 def documents_command(
@@ -47,7 +54,7 @@ def documents_command(
     no_demo: bool = typer.Option(False, "--no-demo",
                                  help="joint: no built-in demonstration when a chunk has "
                                       "no earlier example."),
-    judge: str = typer.Option(None, "--judge", help="Model that checks each answer against "
+    judge: str = typer.Option(None, "-j", "--judge", help="Model that checks each answer against "
                                                     "its chunk (meta.tags.grounded)."),
     no_grounding: bool = typer.Option(False, "--no-grounding",
                                       help="Skip the grounding check even with --judge."),
@@ -110,7 +117,8 @@ def documents_command(
             console.print(f"skipped {len(names)} {label}: {', '.join(names[:5])}{more}",
                           highlight=False)
     summary = run_job(prepared, notify=lambda message: console.print(message, highlight=False))
-    print_summary(summary, show)
+    emit({k: v for k, v in summary.items() if k != "examples"},
+         lambda: print_summary(summary, show))
 
 
 def print_summary(summary: dict, show: int) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from exnihilo.cli.common import console, report_to_option
+from exnihilo.cli.common import (
+    console,
+    deprecated_option,
+    emit,
+    input_argument,
+    pick_input,
+    report_to_option,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
 
@@ -22,12 +29,13 @@ def _config_error(e: ValidationError) -> ExnihiloError:
 
 @app.command("sft")
 def sft_command(
-    data: str = typer.Option(..., "--data", help="Training data: our JSONL records, Alpaca "
-                             "JSON/JSONL or ShareGPT."),
-    out: str = typer.Option(..., "--out", help="Output folder: becomes a plain Hugging Face "
-                            "model folder (LoRA merged in) plus metrics.jsonl."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Base model: an embedded name "
-                              "(see `exnihilo models`), a Hugging Face folder or a .gguf file."),
+    data: str = input_argument("Training data: our JSONL records, Alpaca JSON/JSONL, "
+                               "ShareGPT, TRL, parquet or hf:org/name[:split]."),
+    out: str = typer.Option(..., "-o", "--out", help="Output folder: becomes a plain Hugging "
+                            "Face model folder (LoRA merged in) plus metrics.jsonl."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Base model: an embedded "
+                              "name (see `exnihilo models`), a Hugging Face folder or a .gguf "
+                              "file."),
     style: str = typer.Option("chat", "--style", help="Prompt style: chat (the model's "
                               "template), alpaca or phi3."),
     mask_prompt: bool = typer.Option(False, "--mask-prompt", help="Train only on assistant "
@@ -75,10 +83,12 @@ def sft_command(
         help="Recompute activations in backward: much less memory for long batches, about "
         "a third more compute. Default: on from 2,048 positions per micro-batch."),
     report_to: list[str] = report_to_option(),
+    data_option: str = deprecated_option("--data", "-d"),
 ) -> None:
     """Supervised finetuning: LoRA by default, --full for every weight."""
     from exnihilo.train.sft import SFTConfig, run_sft
 
+    data = pick_input(data, data_option, "DATA", "--data")
     try:
         cfg = SFTConfig(
             data=data, out=out, model=model, style=style, mask_prompt=mask_prompt, full=full,
@@ -93,6 +103,10 @@ def sft_command(
     except ValidationError as e:
         raise _config_error(e) from None
     result = run_sft(cfg, resume=resume)
+    emit(result, lambda: _print_sft(result))
+
+
+def _print_sft(result) -> None:
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "–"
     train = f"{result.train_loss:.4f}" if result.train_loss is not None else "–"
     console.print(

@@ -340,12 +340,12 @@ def embedding_cache_path(output_path: str | Path) -> Path | None:
     safetensors`, so re-running dedup to the same output after adding records embeds only
     the new ones. Beside the output rather than in the user cache: it is visible, goes away
     with the output, and never grows without bound. None for special outputs (/dev/null)."""
-    from exnihilo.outputs import is_special
+    from exnihilo.outputs import is_special, side_file
 
     output_path = Path(output_path)
     if is_special(output_path):
         return None
-    return output_path.with_name(output_path.name + ".embeddings.safetensors")
+    return side_file(output_path, "embeddings.safetensors")
 
 
 def dedup_file(input_path: str | Path, output_path: str | Path, threshold: float = 0.05, *,

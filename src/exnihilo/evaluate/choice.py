@@ -27,7 +27,6 @@ Input, JSON array or JSONL, either of:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -38,7 +37,7 @@ from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.likelihood import option_distribution, require_logprobs
 from exnihilo.evaluate.resumable import _resumable
 from exnihilo.evaluate.stats import bootstrap_interval
-from exnihilo.records import content_id, iter_jsonl, validate_record
+from exnihilo.records import content_id, iter_source_rows, validate_record
 
 LETTERS = "ABCDEFGHIJ"
 CHOICE_PROMPT_VERSION = "choice/v1"
@@ -121,20 +120,9 @@ def _record_item(obj: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_choice_set(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Multiple-choice items {"id", "question", "options", "answer": index} from `path`;
-    errors name the file and line (or array index)."""
-    path = Path(path)
-    if not path.exists():
-        raise ExnihiloError(f"{path}: no such file")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise ExnihiloError(f"{path}: expected a JSON array of questions")
-        numbered = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
-    else:
-        numbered = [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
+    errors name the file and line (or array index). Any source `records.iter_source_rows`
+    reads: JSONL, a JSON array, parquet, hf:org/name[:split]."""
+    numbered = iter_source_rows(path)
     items = []
     for where, obj in numbered:
         if isinstance(obj, dict) and "messages" in obj:

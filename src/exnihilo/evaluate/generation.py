@@ -10,6 +10,7 @@ from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
 from exnihilo.evaluate.resumable import _resumable
 from exnihilo.evaluate.sets import prompt_id, split_reference, turn_prompts
+from exnihilo.fields import drop_verdict
 from exnihilo.records import Record, content_id
 from exnihilo.styles import check_style, render_prompt
 
@@ -86,8 +87,7 @@ def generate_responses(engine: Engine, records: list[Record], params: SamplingPa
                 tokens[i] += completion.completion_tokens
         results = []
         for i, record in enumerate(chunk):
-            meta = dict(record.get("meta") or {})
-            meta.pop("judge", None)
+            meta = drop_verdict(record.get("meta") or {})
             meta.update(prompt_id=prompt_id(record), reference=meta.get("reference"),
                         generator=engine.name, style=style, sampling=sampling, seed=base[i],
                         finish_reason="length" if "length" in finishes[i] else "stop",
@@ -109,8 +109,7 @@ def generate_responses(engine: Engine, records: list[Record], params: SamplingPa
         results = []
         for record, prompt, seed, completion in zip(chunk, prompts, seeds, outs, strict=True):
             answer = {"role": "assistant", "content": completion.text.strip()}
-            meta = dict(record.get("meta") or {})
-            meta.pop("judge", None)
+            meta = drop_verdict(record.get("meta") or {})
             meta.update(prompt_id=prompt_id(record), reference=split_reference(record)[1],
                         generator=engine.name, style=style, sampling=sampling, seed=seed,
                         finish_reason=completion.finish_reason,

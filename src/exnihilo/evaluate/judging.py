@@ -22,6 +22,7 @@ from exnihilo.evaluate.sets import (
     require_answers,
 )
 from exnihilo.evaluate.stats import logistic_fit, sigmoid
+from exnihilo.fields import score_of, set_tags
 from exnihilo.judge import DATA_NOTICE, extract_choice, extract_score, fence
 from exnihilo.records import Record
 
@@ -66,8 +67,9 @@ def judge_engine_name(engine: Engine) -> str:
 def judge_scores(engine: Engine, records: list[Record], params: SamplingParams | None = None,
                  out: str | Path | None = None, chunk_size: int = 64, mode: str = "generate"
                  ) -> list[Record]:
-    """Score every record's final answer 0–100; return copies with meta["judge"] set to
-    {"score": float | None, "raw": judge's text, "judge": engine name, "reference": bool}.
+    """Score every record's final answer 0–100; return copies with the score in
+    meta.tags.score (float | None, the one place `curate filter` and `report` read) and the
+    verdict in meta["judge"] = {"raw": judge's text, "judge": engine name, "reference": bool}.
 
     Every record is sent with the same fixed seed at temperature 0 (unless `params` says
     otherwise), so scores are reproducible and independent of batching. A None score means
@@ -95,10 +97,10 @@ def judge_scores(engine: Engine, records: list[Record], params: SamplingParams |
         results = []
         for record, completion in zip(chunk, outs, strict=True):
             meta = dict(record.get("meta") or {})
-            meta["judge"] = {**setting, "score": extract_score(completion.text),
-                             "raw": completion.text,
+            meta["judge"] = {**setting, "raw": completion.text,
                              "reference": answer_parts(record)[2] is not None}
-            results.append({**record, "meta": meta})
+            results.append(set_tags({**record, "meta": meta},
+                                    score=extract_score(completion.text)))
         return results
 
     require_answers(records)
@@ -131,8 +133,10 @@ def score_histogram(scores: list[float], width: int = 10, high: int = 100) -> di
 def judge_summary(results: list[Record], examples: int = 3) -> dict[str, Any]:
     """n, scored, unparseable (with a few raw answers), mean, stderr, histogram."""
     verdicts = [(r.get("meta") or {}).get("judge") or {} for r in results]
-    scores = [float(v["score"]) for v in verdicts if v.get("score") is not None]
-    raw_unparseable = [v.get("raw", "") for v in verdicts if v.get("score") is None]
+    all_scores = [score_of(r) for r in results]
+    scores = [s for s in all_scores if s is not None]
+    raw_unparseable = [v.get("raw", "") for v, s in zip(verdicts, all_scores, strict=True)
+                       if s is None]
     mean, stderr = mean_and_stderr(scores)
     return {
         "judge": verdicts[0].get("judge") if verdicts else None,

@@ -111,7 +111,8 @@ def logprob_judge_prompt(prompt: list[Message], response: str, reference: str | 
 def logprob_scores(engine: Engine, records: list[Record], out: str | Path | None = None,
                    chunk_size: int = 64, top_k: int = TOP_K) -> list[Record]:
     """Score every record's final answer 0–100 by the judge's expected digit; return copies
-    with meta["judge"] = {"score", "confidence", "probs", "judge", "mode": "logprob",
+    with the score in meta.tags.score and meta["judge"] = {"confidence", "probs", "judge",
+    "mode": "logprob",
     "prompt", "reference": bool}. Resumable like `judge_scores`."""
     require_logprobs(engine)
     name = _engine_name(engine)
@@ -133,8 +134,9 @@ def logprob_scores(engine: Engine, records: list[Record], out: str | Path | None
         for record, top in zip(chunk, tops, strict=True):
             score, confidence, probs = expected_score(top)
             meta = dict(record.get("meta") or {})
-            meta["judge"] = {**setting, "score": None if score is None else round(score, 4),
-                             "confidence": confidence,
+            meta["tags"] = {**(meta.get("tags") or {}),
+                            "score": None if score is None else round(score, 4)}
+            meta["judge"] = {**setting, "confidence": confidence,
                              "probs": {k: round(v, 6) for k, v in probs.items()},
                              "raw": _top_text(top),
                              "reference": answer_parts(record)[2] is not None}

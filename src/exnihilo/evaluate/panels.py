@@ -20,6 +20,7 @@ are pooled as usual.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from exnihilo.evaluate.judging import (
     pairwise_summary,
 )
 from exnihilo.evaluate.stats import cohen_kappa, krippendorff_alpha_interval, spearman
+from exnihilo.fields import score_of
+from exnihilo.outputs import make_side_dir, side_path
 from exnihilo.records import Record
 
 JudgeFactory = Callable[[], Engine]
@@ -48,10 +51,17 @@ JUDGE_FAILURES = (ExnihiloError, OSError, RuntimeError, ValueError)
 
 
 def judge_file(out: str | Path, judge: str) -> Path:
-    """Each panel judge's own resumable file beside the pooled output: OUT.<judge>.jsonl."""
+    """Each panel judge's own resumable file, a side file of the pooled output:
+    `.exnihilo/OUT.<judge>.jsonl` (a panel run before side files had their folder kept it
+    beside the output as OUT-stem.<judge>.jsonl: moved in, so the run resumes)."""
     out = Path(out)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge).strip("_")
-    return out.with_name(f"{out.stem}.{slug}{out.suffix or '.jsonl'}")
+    path = side_path(out, f"{slug}.jsonl")
+    old = out.with_name(f"{out.stem}.{slug}{out.suffix or '.jsonl'}")
+    if old.is_file() and not path.exists():
+        make_side_dir(path)
+        os.replace(old, path)
+    return path
 
 
 def _run_judge(label: str, factory: JudgeFactory, work: Callable[[Engine], Any]
@@ -94,7 +104,7 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
                 mode: str = "generate") -> tuple[list[Record], dict[str, Any]]:
     """Score `records` with every judge (each resumable in `judge_file(out, judge)`), pool.
 
-    Returns pooled records (meta["judge"] = {"judge": "panel", "score": mean,
+    Returns pooled records (meta.tags.score = the mean, meta["judge"] = {"judge": "panel",
     "scores": {judge: score}}) and a summary: per-judge summaries (or failures), pooled
     summary, agreement.
     """
@@ -111,7 +121,7 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
             continue
         if name in per_judge:
             raise ExnihiloError(f"judge {name} is listed twice in the panel")
-        per_judge[name] = [r["meta"]["judge"]["score"] for r in results]
+        per_judge[name] = [score_of(r) for r in results]
         judges_out.append(judge_summary(results))
     if not per_judge:
         raise ExnihiloError("every judge of the panel failed: " + "; ".join(
@@ -120,7 +130,8 @@ def judge_panel(judges: list[tuple[str, JudgeFactory]], records: list[Record],
     pooled_records = []
     for i, record in enumerate(records):
         meta = dict(record.get("meta") or {})
-        meta["judge"] = {"judge": "panel", "mode": mode, "score": pooled[i],
+        meta["tags"] = {**(meta.get("tags") or {}), "score": pooled[i]}
+        meta["judge"] = {"judge": "panel", "mode": mode,
                          "scores": {name: scores[i] for name, scores in per_judge.items()}}
         pooled_records.append({**record, "meta": meta})
     scored = [s for s in pooled if s is not None]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from exnihilo.errors import ExnihiloError
+from exnihilo.fields import drop_verdict
 from exnihilo.records import (
     Record,
     content_id,
-    iter_jsonl,
+    iter_source_rows,
     make_record,
     to_record,
     validate_record,
@@ -81,21 +81,9 @@ def turn_prompts(record: Record) -> list[str]:
 
 
 def read_eval_rows(path: str | Path) -> list[Record]:
-    """`records.read_any`, plus multi-turn questions (objects with "turns")."""
-    path = Path(path)
-    if not path.exists():
-        raise ExnihiloError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" or text.lstrip()[:1] == "[":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise ExnihiloError(f"{path}: expected a JSON array of records")
-        numbered = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
-    else:
-        numbered = [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
+    """`records.read_any` (JSONL, JSON, parquet, hf:org/name[:split]), plus multi-turn
+    questions (objects with "turns")."""
+    numbered = iter_source_rows(path)
     return [turns_record(obj, where) if isinstance(obj, dict) and "turns" in obj
             and "messages" not in obj else to_record(obj, where) for where, obj in numbered]
 
@@ -129,8 +117,8 @@ def load_eval_set(path: str | Path, limit: int | None = None, offset: int = 0
         if pid in seen:
             continue
         seen.add(pid)
-        meta = {k: v for k, v in (source.get("meta") or {}).items()
-                if k not in ("reference", "prompt_id", "judge")}
+        meta = {k: v for k, v in drop_verdict(source.get("meta") or {}).items()
+                if k not in ("reference", "prompt_id")}
         meta.update(prompt_id=pid, reference=reference, source_id=source["id"])
         records.append({"id": pid, "messages": prompt, "meta": meta})
     records = records[offset:]
@@ -152,10 +140,10 @@ def require_answers(records: list[Record]) -> None:
 def read_generations(path: str | Path) -> list[Record]:
     """Records that end with an assistant answer to judge; errors name file:line."""
     records = []
-    for lineno, obj in iter_jsonl(path):
-        record = validate_record(obj, f"{path}:{lineno}")
+    for where, obj in iter_source_rows(path):
+        record = validate_record(obj, where)
         if record["messages"][-1]["role"] != "assistant":
-            raise ExnihiloError(f"{path}:{lineno}: record has no assistant answer to judge "
+            raise ExnihiloError(f"{where}: record has no assistant answer to judge "
                                 f"(its last message is {record['messages'][-1]['role']!r}); "
                                 f"run `exnihilo generate` first")
         records.append(record)

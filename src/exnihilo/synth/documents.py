@@ -16,7 +16,7 @@ data, the pairs alone are SFT data. This module runs the job; each step is its o
 option is validated and the inputs read before a model or embedder loads.
 
 Resumable like Magpie: every finished chunk (with or without pairs) is one line in the
-`<out>.chunks.jsonl` sidecar, written after its records; a rerun skips those chunks, drops
+`.exnihilo/<out>.chunks.jsonl` sidecar, written after its records; a rerun skips those chunks, drops
 records of a chunk the killed run had not finished, and regenerates it with the same seed.
 The output is opened through `resume.ResumableOutput`: locked for the run, and refused when
 it was made with other settings or by something else (it is never emptied).
@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, ValidationError
 from exnihilo.assemble import check_engine
 from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
-from exnihilo.outputs import check_output, is_special
+from exnihilo.outputs import check_output, is_special, side_file
 from exnihilo.progress import note, token_progress
 from exnihilo.records import JsonlAppender, Record, iter_jsonl, make_record, write_jsonl_atomic
 from exnihilo.resume import ResumableOutput, row_key
@@ -144,11 +144,11 @@ def model_context_length(engine: Any, tokenizer: Any) -> int:
 # ----------------------------------------------------------------------------- state files
 
 def chunks_path(out: Path) -> Path:
-    return out.with_name(out.name + ".chunks.jsonl")
+    return side_file(out, "chunks.jsonl")
 
 
 def summary_path(out: Path) -> Path:
-    return out.with_name(out.name + ".summary.json")
+    return side_file(out, "summary.json")
 
 
 def _chunk_of(record: Record) -> Any:

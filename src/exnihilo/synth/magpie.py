@@ -4,9 +4,9 @@ marker; that instruction, sent as a normal chat turn, yields the response.
 
 Resumability: candidate i is sampled with a seed derived from (base seed, i), so candidate i
 always produces the same conversation. Kept records go to the output file, discarded
-candidates (and why) to a `.skipped.jsonl` sidecar; on rerun every candidate index found in
-either file is skipped, so a killed run (even `kill -9`) continues where it stopped and the
-final file holds exactly `n` unique records.
+candidates (and why) to a `.exnihilo/<out>.skipped.jsonl` sidecar; on rerun every candidate
+index found in either file is skipped, so a killed run (even `kill -9`) continues where it
+stopped and the final file holds exactly `n` unique records.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from exnihilo.engines.base import Completion, Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
+from exnihilo.outputs import side_file
 from exnihilo.progress import note
 from exnihilo.records import JsonlAppender, Record, make_record, write_jsonl_atomic
 from exnihilo.resume import ResumableOutput
@@ -160,11 +161,11 @@ def _label(engine: Engine, text: str) -> None:
 # ----------------------------------------------------------------------------- the run
 
 def skipped_path(out: Path) -> Path:
-    return out.with_name(out.name + ".skipped.jsonl")
+    return side_file(out, "skipped.jsonl")
 
 
 def summary_path(out: Path) -> Path:
-    return out.with_name(out.name + ".summary.json")
+    return side_file(out, "summary.json")
 
 
 def magpie_settings(generator: str, config: MagpieConfig) -> dict[str, Any]:

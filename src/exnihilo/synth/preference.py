@@ -10,9 +10,9 @@ as soon as the mean chosen−rejected length gap gets worse than the best seen, 
 the smallest |gap| is kept — so the pairs do not teach "longer is better". Prompts with fewer
 than `min_valid` valid samples, or whose best and worst tie, are skipped and counted.
 
-Files: `<out>.samples.jsonl` holds every prompt's samples and scores as they come (resume
+Files: `.exnihilo/<out>.samples.jsonl` holds every prompt's samples and scores as they come (resume
 reads it, and refuses samples made with other settings); `<out>` is written atomically at
-the end, each pair's `meta` keeping all samples, their scores and α; `<out>.summary.json`
+the end, each pair's `meta` keeping all samples, their scores and α; `.exnihilo/<out>.summary.json`
 the counts and the sweep.
 
 Scorers (`score(record, responses) -> list[float | None]`, None = could not score):
@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from exnihilo import progress
 from exnihilo.engines.base import Engine, SamplingParams
 from exnihilo.errors import ExnihiloError
+from exnihilo.outputs import side_file, write_text_atomic
 from exnihilo.records import JsonlAppender, Record, make_record, write_jsonl_atomic
 
 MIN_CHARS, MAX_CHARS = 3, 6700  # DICE: drop responses with len ≤ 3 or ≥ 6700 characters
@@ -236,11 +237,11 @@ def sample_seed(base_seed: int, record_id: str, k: int) -> int:
 
 
 def samples_path(out: Path) -> Path:
-    return out.with_name(out.name + ".samples.jsonl")
+    return side_file(out, "samples.jsonl")
 
 
 def summary_path(out: Path) -> Path:
-    return out.with_name(out.name + ".summary.json")
+    return side_file(out, "summary.json")
 
 
 def settings_key(engine: Engine, scorer: Scorer, cfg: PairsConfig) -> dict[str, Any]:
@@ -251,7 +252,7 @@ def settings_key(engine: Engine, scorer: Scorer, cfg: PairsConfig) -> dict[str, 
 
 def sample_prompts(engine: Engine, scorer: Scorer, records: list[Record], cfg: PairsConfig,
                    out: Path) -> list[dict[str, Any]]:
-    """Every prompt's N samples and scores, appended to `<out>.samples.jsonl` prompt by
+    """Every prompt's N samples and scores, appended to `.exnihilo/<out>.samples.jsonl` prompt by
     prompt; lines already there (same settings) are reused."""
     settings = settings_key(engine, scorer, cfg)
     path = samples_path(out)
@@ -372,5 +373,5 @@ def synthesize_pairs(engine: Engine, scorer: Scorer, records: list[Record], cfg:
     lines = sample_prompts(engine, scorer, prompts, cfg, out)
     pairs, summary = build_pairs(lines, cfg, out)
     write_jsonl_atomic(out, pairs)
-    summary_path(out).write_text(json.dumps(asdict(summary), indent=2))
+    write_text_atomic(summary_path(out), json.dumps(asdict(summary), indent=2))
     return summary

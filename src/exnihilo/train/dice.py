@@ -10,7 +10,7 @@ Iteration t = 1..K, starting from π_0 (a DPO'd model) and its reference ρ_0:
 4. DPO on the mix with init = reference = π_{t−1} (LoRA: the adapter disabled is π_{t−1});
    then π_t = that model and ρ_t = π_{t−1}.
 
-Layout: `<out>/iter-t/` holds `pairs.jsonl` (+ `.samples.jsonl`, `.summary.json`),
+Layout: `<out>/iter-t/` holds `pairs.jsonl` (its samples and summary in `.exnihilo/`),
 `train_pairs.jsonl` and `model/` (a DPO run folder), and `manifest.json` saying which stages
 are done. Every stage resumes: sampling from its samples file, the mix by its file, DPO from
 its checkpoint; rerunning the same command after a kill at any point continues there.
@@ -31,7 +31,13 @@ from exnihilo.errors import ExnihiloError
 from exnihilo.models import load_model, load_tokenizer
 from exnihilo.records import read_any, write_jsonl_atomic
 from exnihilo.styles import StyleName
-from exnihilo.synth.preference import ImplicitScorer, PairsConfig, mix_replay, synthesize_pairs
+from exnihilo.synth.preference import (
+    ImplicitScorer,
+    PairsConfig,
+    mix_replay,
+    summary_path,
+    synthesize_pairs,
+)
 from exnihilo.train.dpo import DPOConfig, ModelReference, check_same_tokenizer, run_dpo
 from exnihilo.train.preference_data import read_preferences
 from exnihilo.train.run import RUN_INFO, read_run_info, write_json_atomic
@@ -137,7 +143,7 @@ def run_dice(cfg: DiceConfig, engine_factory: Callable[[str], Engine],
         if "mix" not in stages:
             if not stages["pairs"]["pairs"]:
                 raise ExnihiloError(f"{pairs_path}: iteration {t} produced no pairs (see "
-                                    f"{pairs_path}.summary.json)")
+                                    f"{summary_path(pairs_path)})")
             generated = read_preferences(pairs_path)
             mixed = mix_replay(generated, offline, cfg.replay, cfg.seed + t)
             write_jsonl_atomic(mix_path, mixed)

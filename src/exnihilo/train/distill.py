@@ -345,14 +345,14 @@ def run_distill(cfg: DistillConfig, resume: bool = False, on_step: Any = None,
     """Distill `cfg.teacher` into the student; save a plain HF folder in `cfg.out`.
     `student_obj`/`teacher_obj`/`tokenizer` let tests pass tiny in-memory models."""
     out = Path(cfg.out)
-    data_files(cfg.data)  # a missing --data fails before any model loads
+    data_files(cfg.data)  # a missing DATA fails before any model loads
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
         cfg.teacher if cfg.student_arch else cfg.model)
     folder = prepare_corpus(cfg.data, tokenizer, cfg.val_fraction, cfg.seed)
     meta = {**corpus_meta(folder), "key": folder.name}
     train = open_stream(folder, "train", cfg.seq_len)
     if train.n_rows == 0:
-        raise ExnihiloError(f"--data {cfg.data}: {train.n_tokens} training tokens, fewer than "
+        raise ExnihiloError(f"{cfg.data}: {train.n_tokens} training tokens, fewer than "
                             f"one row of --seq-len {cfg.seq_len} + 1; lower --seq-len")
     val = open_stream(folder, "val", cfg.seq_len)
     if val.n_rows == 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from exnihilo.errors import ExnihiloError
-from exnihilo.records import Record, iter_jsonl, make_record
+from exnihilo.records import Record, iter_source_rows, make_record
 from exnihilo.styles import render_segments
 from exnihilo.train.data import append_eos
 
@@ -129,21 +129,9 @@ def to_preference_record(obj: Any, where: str) -> Record:
 
 
 def read_preferences(path: str | Path) -> list[Record]:
-    """Read a preference file in any supported format; errors name file:line (or [index])."""
-    path = Path(path)
-    if not path.exists():
-        raise ExnihiloError(f"{path}: no such file")
-    head = path.read_text(encoding="utf-8")[:1].lstrip()
-    if path.suffix == ".json" or head == "[":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ExnihiloError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise ExnihiloError(f"{path}: expected a JSON array of preference records")
-        records = [to_preference_record(r, f"{path}[{i}]") for i, r in enumerate(rows)]
-    else:
-        records = [to_preference_record(r, f"{path}:{n}") for n, r in iter_jsonl(path)]
+    """Read preference pairs in any supported format from any source (JSONL, a JSON array,
+    parquet, hf:org/name[:split]); errors name file:line (or [index])."""
+    records = [to_preference_record(r, where) for where, r in iter_source_rows(path)]
     if not records:
         raise ExnihiloError(f"{path}: no preference records (the file is empty)")
     return records

@@ -305,7 +305,7 @@ def load_streams(cfg: PretrainConfig, tokenizer: Any) -> tuple[TokenStream, Toke
     meta = {**corpus_meta(folder), "key": folder.name}
     train = open_stream(folder, "train", cfg.seq_len)
     if train.n_rows == 0:
-        raise ExnihiloError(f"--data {cfg.data}: {train.n_tokens} training tokens, fewer than "
+        raise ExnihiloError(f"{cfg.data}: {train.n_tokens} training tokens, fewer than "
                             f"one row of --seq-len {cfg.seq_len} + 1; lower --seq-len")
     return train, open_stream(folder, "val", cfg.seq_len), meta
 
@@ -316,7 +316,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, on_step: Any = None,
     out = Path(cfg.out)
     if cfg.arch is not None and cfg.arch not in PRESETS:
         raise ExnihiloError(f"--arch {cfg.arch!r} is not a preset (known: {preset_names()})")
-    data_files(cfg.data)  # a missing --data fails before anything loads
+    data_files(cfg.data)  # a missing DATA fails before anything loads
     identity = run_identity(cfg, {})
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     config = gemma2_config(cfg.arch, tokenizer, **cfg.arch_options) if cfg.arch else None

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 from exnihilo.devices import place_model, resolve_device, training_dtypes
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL, load_model
+from exnihilo.records import source_sha256
 from exnihilo.train.loop import LoopConfig
 
 RUN_CONFIG = "run_config.json"  # written when a run starts: identifies it
@@ -119,7 +120,7 @@ def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:
     """What makes two runs the same run: the config plus a hash of each data file."""
     ident = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IDENTITY}
     for key, path in data_files.items():
-        ident[f"{key}_sha256"] = file_sha256(path)
+        ident[f"{key}_sha256"] = source_sha256(path)  # a file, or hf:org/name's cached files
     return ident
 
 

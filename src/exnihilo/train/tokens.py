@@ -55,7 +55,7 @@ TOKENIZE_BATCH = 256  # documents per tokenizer call (the fast tokenizer batches
 # -------------------------------------------------------------------------------- sources
 
 def data_files(path: str | Path) -> list[Path]:
-    """The text files a `--data` path names: itself, or every .jsonl/.txt/.md below it
+    """The text files a DATA path names: itself, or every .jsonl/.txt/.md below it
     (sorted, so the document order is fixed)."""
     root = Path(path).expanduser()
     if root.is_file():
@@ -64,9 +64,9 @@ def data_files(path: str | Path) -> list[Path]:
         files = sorted(p for p in root.rglob("*") if p.is_file()
                        and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
         if not files:
-            raise ExnihiloError(f"--data {path}: the folder holds no .jsonl, .txt or .md files")
+            raise ExnihiloError(f"{path}: the folder holds no .jsonl, .txt or .md files")
         return files
-    raise ExnihiloError(f"--data {path}: no such file or folder")
+    raise ExnihiloError(f"{path}: no such file or folder")
 
 
 def iter_documents(path: str | Path) -> Iterator[str]:
@@ -236,9 +236,9 @@ def tokenize_corpus(path: str | Path, tokenizer: Any, folder: Path, val_fraction
         flush()
     counts = {name: w.finish(folder, name) for name, w in writers.items()}
     if n_docs == 0:
-        raise ExnihiloError(f"--data {path}: no usable text (every document is empty)")
+        raise ExnihiloError(f"{path}: no usable text (every document is empty)")
     if counts["train"] == 0:
-        raise ExnihiloError(f"--data {path}: all {n_docs} documents were held out for "
+        raise ExnihiloError(f"{path}: all {n_docs} documents were held out for "
                             f"validation; lower --val-fraction")
     meta = {"documents": n_docs, "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
