@@ -211,7 +211,7 @@ def test_bad_inputs_are_error_lines_not_tracebacks(tmp_path):
     (tmp_path / "folder").mkdir()
     for name, message in (("latin1.jsonl", "latin1.jsonl:1: not UTF-8"),
                           ("sharegpt.jsonl", "conversations[0] must be an object"),
-                          ("folder", "is a directory")):
+                          ("folder", "no metrics.jsonl")):
         line = one_error_line(cli("report", name, "-o", "r.html", cwd=tmp_path))
         assert message in line
     rows = records(3)
