@@ -588,3 +588,21 @@ def test_every_command_reports_through_emit(name, command):
     callback = inspect.unwrap(command.callback)
     source = inspect.getsource(callback)
     assert "emit(" in source or "_print_summaries(" in source, name
+
+
+def test_shell_completion_script_names_the_commands():
+    """`exnihilo --show-completion bash` prints a completion script; completing `exnihilo
+    tr` through it offers `train` (click's completion protocol, run as the shell would)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = subprocess.run([sys.executable, "-m", "exnihilo.cli", "--show-completion", "bash"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "_EXNIHILO_COMPLETE" in script or "complete_bash" in script
+    env = dict(os.environ, _EXNIHILO_COMPLETE="complete_bash", COMP_WORDS="exnihilo tr",
+               COMP_CWORD="1")
+    entry = Path(sys.executable).parent / "exnihilo"  # the installed command the shell runs
+    offered = subprocess.run([str(entry)], env=env, capture_output=True, text=True).stdout
+    assert "train" in offered.split() and "synth" not in offered.split()

@@ -18,7 +18,7 @@ app = typer.Typer(
     help="Make small language models better starting from nothing: synthesize instruction "
          "data (Magpie, documents), curate it, train (SFT, DPO, …), evaluate and report.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     pretty_exceptions_enable=False,
 )
 
