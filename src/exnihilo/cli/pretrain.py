@@ -1,9 +1,6 @@
 """`exnihilo train pretrain | distill` and `exnihilo prune`: thin shells over
-exnihilo.train.pretrain, exnihilo.train.distill and exnihilo.prune (flags → config → call).
-
-The integrator registers the three functions, e.g.
-`train_app.command("pretrain")(pretrain_command)`, `train_app.command("distill")(...)`,
-`app.command("prune")(prune_command)` (also top-level `pretrain` / `distill` if wanted).
+exnihilo.train.pretrain, exnihilo.train.distill and exnihilo.prune (flags → config → call);
+registered in `cli/__init__.py`.
 """
 
 from __future__ import annotations
