@@ -534,8 +534,9 @@ def test_embedded_judge_scores_three_answers_and_the_counts_add_up(real_engine):
     for result in results:
         verdict = result["meta"]["judge"]
         assert verdict["judge"] == real_engine.name and isinstance(verdict["raw"], str)
-        assert verdict["score"] is None or 0 <= verdict["score"] <= 100
-        assert verdict["score"] == extract_score(verdict["raw"])
+        score = result["meta"]["tags"]["score"]  # the one place scores live
+        assert score is None or 0 <= score <= 100
+        assert score == extract_score(verdict["raw"])
 
 
 # ------------------------------------------------------------------------------ command line

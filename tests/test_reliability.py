@@ -279,9 +279,12 @@ def test_second_writer_fails_at_once_and_ctrl_c_exits_130(tmp_path):
     silent.listen(8)
     hanging = ["--engine", "openai", "--base-url",
                f"http://127.0.0.1:{silent.getsockname()[1]}/v1"]
+    # pytest-xdist workers ignore SIGINT and a child inherits that (as a background job in a
+    # shell script does); give the run the disposition an interactive shell gives it.
     first = subprocess.Popen([sys.executable, "-m", "exnihilo.cli", "synth", "magpie", "-n",
                               "4", "-o", "m.jsonl", *hanging], cwd=tmp_path, env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / ".m.jsonl.lock"
     try:
         deadline = time.time() + 60
