@@ -1,6 +1,6 @@
 """Magpie pairs/minute: the `openai` engine through a real llama.cpp server (llama-cpp-python,
 the embedded SmolLM2-135M GGUF, 127.0.0.1) at several concurrencies, against the in-process
-`llamacpp` engine (many sequences per llama_batch; Q8_0 weights, its default, and the GGUF as
+`llamacpp` engine (many sequences per llama_batch; F16 weights, its default, and the GGUF as
 shipped, Q4_1) and the local `transformers` engine, on the same Magpie settings and seeds,
 one run each, in one process.
 
@@ -9,7 +9,7 @@ one run each, in one process.
 Prints one JSON object. Needs scripts/test-deps/llama-server.sh. Ratios are against the
 transformers engine and against the server at its best concurrency, measured in the same run
 (`--threads` is the thread count of the server and of the llamacpp engine alike). The
-engines sample differently (llama.cpp's sampler on a Q4_1 or Q8_0 model vs ours on its fp32
+engines sample differently (llama.cpp's sampler on a Q4_1 or F16 model vs ours on its fp32
 dequantisation), so their outputs and discard rates differ: compare pairs/minute *and*
 generated tokens/s.
 """
@@ -123,7 +123,7 @@ def main() -> None:
     import torch
 
     from exnihilo.engines.base import SamplingParams
-    from exnihilo.engines.llamacpp import LlamaCppEngine
+    from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS, LlamaCppEngine
     from exnihilo.engines.openai import OpenAIEngine
     from exnihilo.engines.transformers import TransformersEngine
     from exnihilo.models import EMBEDDED, embedded_gguf_path, load_tokenizer
@@ -171,7 +171,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         cfg = config.model_copy(update={"round_size": args.llamacpp_batch_size})
-        for label, weights in (("q8_0", "q8_0"), ("q4_1", None)):
+        for label, weights in ((DEFAULT_WEIGHTS, DEFAULT_WEIGHTS), ("q4_1", None)):
             engine = LlamaCppEngine(name, batch_size=args.llamacpp_batch_size,
                                     threads=args.threads, tokenizer=tokenizer, weights=weights)
             engine.complete(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=4))

@@ -12,8 +12,8 @@ average before and after):
   * Magpie pairs/minute, engine vs the naive loop through the same Magpie code;
   * this machine's fp32 GEMM FLOP/s, and the engine's share of it (2 × params × tokens/s).
   * with --llamacpp (or --llamacpp-only): the in-process llama.cpp engine
-    (`engines.llamacpp`) at batch 1/8/32 on Q8_0 weights (its default) and at batch 32 on the
-    GGUF as shipped (Q4_1), its Magpie pairs/minute, and Q8_0-vs-Q4_1 greedy agreement;
+    (`engines.llamacpp`) at batch 1/8/32 on F16 weights (its default) and at batch 32 on Q8_0
+    and on the GGUF as shipped (Q4_1), its Magpie pairs/minute, and greedy agreement;
     --llamacpp-only skips the transformers levers (bf16, refill variants) to fit a short run.
 Prints one JSON object.  Usage: python benchmarks/generation.py [--threads 1] [--quick]
 
@@ -203,17 +203,18 @@ def summarise(rates: dict, base: str) -> dict:
 
 
 def llamacpp_engines(args, tokenizer) -> dict:
-    """{arm: engine}: Q8_0 weights (the engine's default) at batch 1, 8 and `--batch-size`,
-    and the GGUF as shipped (Q4_1) at `--batch-size`; `--threads` each (default 1)."""
-    from exnihilo.engines.llamacpp import LlamaCppEngine
+    """{arm: engine}: the engine's default weights (F16) at batch 1, 8 and `--batch-size`,
+    Q8_0 and the GGUF as shipped (Q4_1) at `--batch-size`; `--threads` each (default 1)."""
+    from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS, LlamaCppEngine
 
     threads = args.threads or 1
-    arms = {f"llamacpp_q8_0_batch{b}": LlamaCppEngine(DEFAULT_MODEL, batch_size=b,
-                                                      threads=threads, tokenizer=tokenizer)
-            for b in sorted({1, 8, args.batch_size})}
-    arms[f"llamacpp_q4_1_batch{args.batch_size}"] = LlamaCppEngine(
-        DEFAULT_MODEL, batch_size=args.batch_size, threads=threads, tokenizer=tokenizer,
-        weights=None)
+    arms = {f"llamacpp_{DEFAULT_WEIGHTS}_batch{b}": LlamaCppEngine(
+        DEFAULT_MODEL, batch_size=b, threads=threads, tokenizer=tokenizer)
+        for b in sorted({1, 8, args.batch_size})}
+    for label, weights in (("q8_0", "q8_0"), ("q4_1", None)):
+        arms[f"llamacpp_{label}_batch{args.batch_size}"] = LlamaCppEngine(
+            DEFAULT_MODEL, batch_size=args.batch_size, threads=threads, tokenizer=tokenizer,
+            weights=weights)
     for engine in arms.values():  # llama.cpp builds its compute graphs on the first call
         engine.complete(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=2))
     return arms
@@ -314,9 +315,12 @@ def llamacpp_report(args, engine, naive, lcpp: dict, decode: dict, convs, flops:
     """--llamacpp-only: decode ratios, Magpie pairs/minute (llama.cpp at `--pairs`, the
     naive loop at `--naive-pairs`, the fp32 engine at `--engine-pairs` when > 0) and greedy
     agreement."""
+    from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS as W
+
+    main = lcpp[f"llamacpp_{W}_batch{args.batch_size}"]
     q8 = lcpp[f"llamacpp_q8_0_batch{args.batch_size}"]
     q41 = lcpp[f"llamacpp_q4_1_batch{args.batch_size}"]
-    magpie = {"llamacpp_q8_0": magpie_ppm(q8, engine.tokenizer, args.pairs, args.batch_size),
+    magpie = {f"llamacpp_{W}": magpie_ppm(main, engine.tokenizer, args.pairs, args.batch_size),
               "naive_batch1": magpie_ppm(naive, engine.tokenizer, args.naive_pairs,
                                          args.batch_size)}
     if args.engine_pairs:  # the fp32 engine takes ~6x longer: its own (smaller) n
@@ -333,14 +337,14 @@ def llamacpp_report(args, engine, naive, lcpp: dict, decode: dict, convs, flops:
         "decode_tokens_per_s": dict(summary, new_tokens_per_row=args.tokens),
         "magpie": dict(magpie, ratio_vs_naive_batch1={
             k: round(v["pairs_per_minute"] / base, 2) for k, v in magpie.items()}),
-        # How far greedy replies agree: Q8_0 against the shipped Q4_1 (both llama.cpp), and
-        # each against the fp32 engine on the same Q4_1 weights dequantised (backend noise).
+        # How far greedy replies agree: F16 and Q8_0 against the shipped Q4_1 (all llama.cpp),
+        # and Q4_1 against the fp32 engine on the same weights dequantised (backend noise).
+        f"greedy_{W}_vs_q4_1": greedy_agreement(q41, main, convs, args.reply_tokens),
         "greedy_q8_0_vs_q4_1": greedy_agreement(q41, q8, convs, args.reply_tokens),
         "greedy_q4_1_vs_fp32_engine": greedy_agreement(engine, q41, convs, args.reply_tokens),
-        "greedy_q8_0_vs_fp32_engine": greedy_agreement(engine, q8, convs, args.reply_tokens),
         "gemm_fp32_gflops": round(flops / 1e9, 1),
         "llamacpp_fraction_of_gemm_peak": round(
-            2 * params_count * summary["median"][f"llamacpp_q8_0_batch{args.batch_size}"]
+            2 * params_count * summary["median"][f"llamacpp_{W}_batch{args.batch_size}"]
             / flops, 4),
     }
 
