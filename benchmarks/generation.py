@@ -28,6 +28,15 @@ Measured 2026-11-30 (2-core shared VM without AVX512-BF16/AMX, 1 torch thread, l
                     9.25x; per candidate 4.6x (the naive arm's n is small: noisy)
   GEMM share        19.8% of 22.1 GFLOP/s
 bf16 is emulated on this CPU (2.4x slower) and diverges early, so fp32 stays the default.
+
+Measured 2026-12-01, --llamacpp-only (1 thread each, load 1.8 -> 3.2; --tokens 32 --repeats 2
+--replies 16 --reply-tokens 64 --pairs 64 --naive-pairs 2; Q8_0 was then the llamacpp default):
+  decode tok/s      naive 13.7, engine fp32 b32 110.7 (8.1x), llamacpp Q8_0 b1 40.6 (3.0x),
+                    b8 72.9 (5.3x), b32 67.8 (4.95x; runs 45 and 90), Q4_1 b32 49.4 (3.6x)
+  Magpie pairs/min  llamacpp Q8_0 5.71 (n=64, 278 candidates) vs naive 0.59 (n=2): 9.7x
+  greedy identical  Q8_0 vs Q4_1 6 %, Q4_1 llama.cpp vs fp32 engine 31 % (same weights)
+llama.cpp here is built for x86-64-v3 (scripts/test-deps/llama-server.sh): no AVX-512, which
+this CPU has and torch uses.
 """
 
 from __future__ import annotations
