@@ -11,6 +11,10 @@ average before and after):
   * bf16 against fp32 greedy: share of identical replies and the first divergence position;
   * Magpie pairs/minute, engine vs the naive loop through the same Magpie code;
   * this machine's fp32 GEMM FLOP/s, and the engine's share of it (2 × params × tokens/s).
+  * with --llamacpp (or --llamacpp-only): the in-process llama.cpp engine
+    (`engines.llamacpp`) at batch 1/8/32 on F16 weights (its default) and at batch 32 on Q8_0
+    and on the GGUF as shipped (Q4_1), its Magpie pairs/minute, and greedy agreement;
+    --llamacpp-only skips the transformers levers (bf16, refill variants) to fit a short run.
 Prints one JSON object.  Usage: python benchmarks/generation.py [--threads 1] [--quick]
 
 Measured 2026-11-30 (2-core shared VM without AVX512-BF16/AMX, 1 torch thread, load
@@ -24,6 +28,15 @@ Measured 2026-11-30 (2-core shared VM without AVX512-BF16/AMX, 1 torch thread, l
                     9.25x; per candidate 4.6x (the naive arm's n is small: noisy)
   GEMM share        19.8% of 22.1 GFLOP/s
 bf16 is emulated on this CPU (2.4x slower) and diverges early, so fp32 stays the default.
+
+Measured 2026-12-01, --llamacpp-only (1 thread each, load 1.8 -> 3.2; --tokens 32 --repeats 2
+--replies 16 --reply-tokens 64 --pairs 64 --naive-pairs 2; Q8_0 was then the llamacpp default):
+  decode tok/s      naive 13.7, engine fp32 b32 110.7 (8.1x), llamacpp Q8_0 b1 40.6 (3.0x),
+                    b8 72.9 (5.3x), b32 67.8 (4.95x; runs 45 and 90), Q4_1 b32 49.4 (3.6x)
+  Magpie pairs/min  llamacpp Q8_0 5.71 (n=64, 278 candidates) vs naive 0.59 (n=2): 9.7x
+  greedy identical  Q8_0 vs Q4_1 6 %, Q4_1 llama.cpp vs fp32 engine 31 % (same weights)
+llama.cpp here is built for x86-64-v3 (scripts/test-deps/llama-server.sh): no AVX-512, which
+this CPU has and torch uses.
 """
 
 from __future__ import annotations
@@ -115,6 +128,12 @@ def decode_tps(engine, prompts, tokens: int) -> tuple[float, int]:
     start = time.perf_counter()
     if isinstance(engine, NaiveEngine):
         outs = engine.complete(prompts, params, stop_ids=False)
+    elif hasattr(engine, "is_stop"):  # the llamacpp engine: no end-of-generation token
+        engine.is_stop = lambda token: False
+        try:
+            outs = engine.complete(prompts, params)
+        finally:
+            del engine.is_stop
     else:
         saved, engine._stop_ids = engine._stop_ids, {-1}
         try:
@@ -192,6 +211,24 @@ def summarise(rates: dict, base: str) -> dict:
             "ratio_vs_" + base: {k: round(v / med[base], 2) for k, v in med.items()}}
 
 
+def llamacpp_engines(args, tokenizer) -> dict:
+    """{arm: engine}: the engine's default weights (F16) at batch 1, 8 and `--batch-size`,
+    Q8_0 and the GGUF as shipped (Q4_1) at `--batch-size`; `--threads` each (default 1)."""
+    from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS, LlamaCppEngine
+
+    threads = args.threads or 1
+    arms = {f"llamacpp_{DEFAULT_WEIGHTS}_batch{b}": LlamaCppEngine(
+        DEFAULT_MODEL, batch_size=b, threads=threads, tokenizer=tokenizer)
+        for b in sorted({1, 8, args.batch_size})}
+    for label, weights in (("q8_0", "q8_0"), ("q4_1", None)):
+        arms[f"llamacpp_{label}_batch{args.batch_size}"] = LlamaCppEngine(
+            DEFAULT_MODEL, batch_size=args.batch_size, threads=threads, tokenizer=tokenizer,
+            weights=weights)
+    for engine in arms.values():  # llama.cpp builds its compute graphs on the first call
+        engine.complete(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=2))
+    return arms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -208,7 +245,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="add the in-process llama.cpp engine's arms")
+    parser.add_argument("--llamacpp-only", action="store_true",
+                        help="llama.cpp arms against the naive loop and the fp32 engine only")
+    parser.add_argument("--engine-pairs", type=int, default=0,
+                        help="--llamacpp-only: Magpie pairs for the fp32 engine (0: skip)")
     args = parser.parse_args()
+    args.llamacpp = args.llamacpp or args.llamacpp_only
     if args.quick:
         args.batch_size, args.tokens, args.naive_prompts = 8, 16, 2
         args.replies, args.reply_tokens, args.pairs, args.naive_pairs = 8, 24, 2, 1
@@ -232,10 +276,20 @@ def main() -> None:
              for i in range(args.replies)]
 
     flops = gemm_flops()
-    decode = timed_arms(
-        {"engine_fp32": engine, "engine_bf16": bf16, "naive_batch1": naive},
-        lambda e: decode_tps(e, prompts if e is not naive else prompts[:args.naive_prompts],
-                             args.tokens)[0], args.repeats)
+    lcpp = llamacpp_engines(args, engine.tokenizer) if args.llamacpp else {}
+    decode_arms = {"engine_fp32": engine, "naive_batch1": naive} if args.llamacpp_only else \
+        {"engine_fp32": engine, "engine_bf16": bf16, "naive_batch1": naive}
+
+    def decode_run(e) -> float:
+        rows = prompts[:args.naive_prompts] if e is naive else \
+            prompts[:max(getattr(e, "batch_size", len(prompts)), 4)]
+        return decode_tps(e, rows, args.tokens)[0]
+
+    decode = timed_arms(dict(decode_arms, **lcpp), decode_run, args.repeats)
+    if args.llamacpp_only:
+        print(json.dumps(llamacpp_report(args, engine, naive, lcpp, decode, convs, flops,
+                                         params_count, load_before), indent=2))
+        return
     replies = timed_arms(
         {"refill_off": plain, "refill_on": engine, "refill_on_grouped_drop": grouped,
          "refill_on_bf16": bf16},
@@ -263,6 +317,45 @@ def main() -> None:
         "engine_fraction_of_gemm_peak": round(
             2 * params_count * decode_summary["median"]["engine_fp32"] / flops, 4),
     }, indent=2))
+
+
+def llamacpp_report(args, engine, naive, lcpp: dict, decode: dict, convs, flops: float,
+                    params_count: int, load_before) -> dict:
+    """--llamacpp-only: decode ratios, Magpie pairs/minute (llama.cpp at `--pairs`, the
+    naive loop at `--naive-pairs`, the fp32 engine at `--engine-pairs` when > 0) and greedy
+    agreement."""
+    from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS as W
+
+    main = lcpp[f"llamacpp_{W}_batch{args.batch_size}"]
+    q8 = lcpp[f"llamacpp_q8_0_batch{args.batch_size}"]
+    q41 = lcpp[f"llamacpp_q4_1_batch{args.batch_size}"]
+    magpie = {f"llamacpp_{W}": magpie_ppm(main, engine.tokenizer, args.pairs, args.batch_size),
+              "naive_batch1": magpie_ppm(naive, engine.tokenizer, args.naive_pairs,
+                                         args.batch_size)}
+    if args.engine_pairs:  # the fp32 engine takes ~6x longer: its own (smaller) n
+        magpie["engine_fp32"] = magpie_ppm(engine, engine.tokenizer, args.engine_pairs,
+                                           args.batch_size)
+    base = magpie["naive_batch1"]["pairs_per_minute"]
+    summary = summarise(decode, "naive_batch1")
+    return {
+        "model": DEFAULT_MODEL, "params": params_count, "batch_size": args.batch_size,
+        "threads": {"torch": torch.get_num_threads(), "llama_cpp": args.threads or 1},
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "decode_tokens_per_s": dict(summary, new_tokens_per_row=args.tokens),
+        "magpie": dict(magpie, ratio_vs_naive_batch1={
+            k: round(v["pairs_per_minute"] / base, 2) for k, v in magpie.items()}),
+        # How far greedy replies agree: F16 and Q8_0 against the shipped Q4_1 (all llama.cpp),
+        # and Q4_1 against the fp32 engine on the same weights dequantised (backend noise).
+        f"greedy_{W}_vs_q4_1": greedy_agreement(q41, main, convs, args.reply_tokens),
+        "greedy_q8_0_vs_q4_1": greedy_agreement(q41, q8, convs, args.reply_tokens),
+        "greedy_q4_1_vs_fp32_engine": greedy_agreement(engine, q41, convs, args.reply_tokens),
+        "gemm_fp32_gflops": round(flops / 1e9, 1),
+        "llamacpp_fraction_of_gemm_peak": round(
+            2 * params_count * summary["median"][f"llamacpp_{W}_batch{args.batch_size}"]
+            / flops, 4),
+    }
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from exnihilo.errors import ExnihiloError
 
 def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = None) -> None:
     """Engine options that are wrong whatever the model: checked before anything loads."""
-    if dtype is not None and engine == "transformers":
+    if dtype is not None and engine in ("transformers", "llamacpp"):
         from exnihilo.models import DTYPES
 
         if dtype not in DTYPES:
@@ -24,6 +24,10 @@ def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = N
         raise ExnihiloError(f"unknown engine {engine!r} (known: {', '.join(engine_kinds())})")
     if engine == "openai" and not base_urls:
         raise ExnihiloError("--engine openai needs at least one --base-url")
+    if engine == "llamacpp":
+        from exnihilo.engines.llamacpp import check_available
+
+        check_available()  # llama-cpp-python is optional: say so before anything loads
 
 
 def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int = 32,
@@ -50,6 +54,11 @@ def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int =
     if engine == "openai":
         return make_engine("openai", model, base_urls=base_urls, concurrency=concurrency,
                            progress_label=label)
+    if engine == "llamacpp":  # in-process llama.cpp; --dtype picks the GGUF weights' type
+        from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS, DTYPE_WEIGHTS
+
+        return make_engine("llamacpp", model, batch_size=batch_size, progress_label=label,
+                           weights=DTYPE_WEIGHTS.get(dtype, DEFAULT_WEIGHTS))
     return make_engine(engine, model, progress_label=label)  # a registered plugin
 
 

@@ -131,7 +131,9 @@ def crash(e: BaseException) -> NoReturn:
 
 
 # Options shared by every command that generates or judges text.
-ENGINE_HELP = "Engine: 'transformers' (local, default) or 'openai' (any OpenAI-compatible server)."
+ENGINE_HELP = ("Engine: 'transformers' (local, default), 'llamacpp' (local, llama.cpp "
+               "in-process; pip install 'exnihilo[llamacpp]') or 'openai' (any "
+               "OpenAI-compatible server).")
 MODEL_HELP = ("Model: an embedded name (see `exnihilo models`), a Hugging Face folder, or a "
               ".gguf file; with --engine openai, the server's model name.")
 

@@ -15,7 +15,8 @@ from exnihilo.errors import ExnihiloError
 
 _FACTORIES: dict[str, Callable[..., Engine]] = {}
 _BUILTIN = {"transformers": "exnihilo.engines.transformers",
-            "openai": "exnihilo.engines.openai"}
+            "openai": "exnihilo.engines.openai",
+            "llamacpp": "exnihilo.engines.llamacpp"}
 
 
 def register(kind: str) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
