@@ -34,7 +34,9 @@ test-deps: install
 
 # Tests run on every core (pytest-xdist), each worker on one torch thread: the suite is
 # mostly small single-threaded models, so processes scale where threads do not.
-WORKERS ?= auto
+# The cores this process may use (not the host's count a container may report), at most 4:
+# each worker holds its own models in memory.
+WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 
 test: install test-deps
 	$(BIN)/ruff check src tests benchmarks experiments
