@@ -598,10 +598,13 @@ def test_shell_completion_script_names_the_commands():
     import sys
     from pathlib import Path
 
-    script = subprocess.run([sys.executable, "-m", "exnihilo.cli", "--show-completion", "bash"],
-                            capture_output=True, text=True, check=True).stdout
-    assert "_EXNIHILO_COMPLETE" in script or "complete_bash" in script
-    env = dict(os.environ, _EXNIHILO_COMPLETE="complete_bash", COMP_WORDS="exnihilo tr",
+    # A shell's environment: nothing that earlier in-process CLI tests left in os.environ.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EXNIHILO_")}
+    shown = subprocess.run([sys.executable, "-m", "exnihilo.cli", "--show-completion", "bash"],
+                           capture_output=True, text=True, env=clean)
+    assert shown.returncode == 0, shown.stderr
+    assert "_EXNIHILO_COMPLETE" in shown.stdout or "complete_bash" in shown.stdout
+    env = dict(clean, _EXNIHILO_COMPLETE="complete_bash", COMP_WORDS="exnihilo tr",
                COMP_CWORD="1")
     entry = Path(sys.executable).parent / "exnihilo"  # the installed command the shell runs
     offered = subprocess.run([str(entry)], env=env, capture_output=True, text=True).stdout
