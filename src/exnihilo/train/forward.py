@@ -134,8 +134,9 @@ FUSED_CHUNK = 64
 
 class _FusedHeadLogprobSum(torch.autograd.Function):
     """Σ log softmax(cap·tanh(h Wᵀ / cap))[target] over rows, with its gradient computed in
-    the same pass, chunk by chunk (the fused linear + cross-entropy of Liger-Kernel, written
-    here for CPU and for Gemma 2's soft-capping, which the libraries' fused losses omit).
+    the same pass, chunk by chunk. This is the idea of Liger-Kernel's fused linear +
+    cross-entropy; it is written here because Liger's kernels are Triton (GPU only) and this
+    product trains on CPUs first.
 
     The output is a plain sum, so the gradient of each row's log-prob is needed with weight
     one: d/dy = onehot − softmax(y), times the soft-cap's derivative 1 − tanh², then through
