@@ -591,7 +591,7 @@ def test_every_command_reports_through_emit(name, command):
 
 
 def test_shell_completion_script_names_the_commands():
-    """`exnihilo --show-completion bash` prints a completion script; completing `exnihilo
+    """`exnihilo --show-completion` (in bash) prints a completion script; completing `exnihilo
     tr` through it offers `train` (click's completion protocol, run as the shell would)."""
     import os
     import subprocess
@@ -600,7 +600,10 @@ def test_shell_completion_script_names_the_commands():
 
     # A shell's environment: nothing that earlier in-process CLI tests left in os.environ.
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EXNIHILO_")}
-    shown = subprocess.run([sys.executable, "-m", "exnihilo.cli", "--show-completion", "bash"],
+    # --show-completion detects the shell from the parent processes: run it from bash (the
+    # trailing `; true` keeps bash from exec'ing it away), as a user's terminal would.
+    shown = subprocess.run(["bash", "-c", f"'{sys.executable}' -m exnihilo.cli "
+                                          "--show-completion; true"],
                            capture_output=True, text=True, env=clean)
     assert shown.returncode == 0, shown.stderr
     assert "_EXNIHILO_COMPLETE" in shown.stdout or "complete_bash" in shown.stdout
