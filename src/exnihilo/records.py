@@ -167,13 +167,22 @@ def source_sha256(source: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks; a missing file is a one-line error.
+    The one hash every results file, run identity and export card uses."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise ExnihiloError(f"{path}: no such file") from None
+    return h.hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
     _check_input(path)
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:

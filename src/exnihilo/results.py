@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from exnihilo import outputs
+from exnihilo.records import file_sha256
 
 SCHEMA = "exnihilo.results/1"
 REQUIRED_KEYS = ("schema", "command", "created", "config", "inputs", "output", "templates",
@@ -41,14 +42,6 @@ def results_path(out: str | Path) -> Path:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str | None]:

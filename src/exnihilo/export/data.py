@@ -24,7 +24,6 @@ Alpaca convention), anything else JSON lines; both load with `load_dataset("json
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 
 from exnihilo import outputs
 from exnihilo.errors import ExnihiloError
-from exnihilo.records import Record, read_any
+from exnihilo.records import Record, file_sha256, read_any
 
 FORMATS = ("alpaca", "sharegpt", "trl", "parquet")
 CARD_MARKER = "<!-- written by exnihilo export data -->"
@@ -225,14 +224,6 @@ def write_parquet_folder(out: Path, rows: list[dict[str, Any]], card: str) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_data(input_path: str | Path, out: str | Path, fmt: str) -> DataExport:

@@ -10,7 +10,6 @@ method, prompt style, base model and config — `read_run_info` / `run_style` re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -122,17 +121,6 @@ def run_identity(cfg: BaseModel, data_files: dict[str, str]) -> dict[str, Any]:
     for key, path in data_files.items():
         ident[f"{key}_sha256"] = source_sha256(path)  # a file, or hf:org/name's cached files
     return ident
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise ExnihiloError(f"{path}: no such file") from None
-    return h.hexdigest()
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -157,7 +157,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def corpus_key(path: str | Path, tokenizer: Any, val_fraction: float, seed: int) -> str:
-    from exnihilo.train.run import file_sha256
+    from exnihilo.records import file_sha256
 
     h = hashlib.sha256()
     for file in data_files(path):
