@@ -278,3 +278,13 @@ def test_grouped_dropping_defers_cache_copies(tiny_llama, smol_tokenizer, monkey
         counts[slack] = calls["n"]
     # 0.99: rows never leave before the batch is done; 0.5: fewer removals than at once
     assert counts[0.99] == 0 < counts[0.5] < counts[0.0]
+
+
+def test_row_seeds_default_to_the_params_seed_plus_the_row_and_check_the_count():
+    from exnihilo.engines.base import row_seeds
+
+    params = SamplingParams(seed=7)
+    assert row_seeds(3, params, None) == [7, 8, 9]
+    assert row_seeds(2, params, [42, 5]) == [42, 5]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        row_seeds(3, params, [1, 2])

@@ -42,6 +42,16 @@ class SamplingParams(BaseModel):
         return self.model_dump()
 
 
+def row_seeds(n: int, params: SamplingParams, seeds: list[int] | None) -> list[int]:
+    """One seed per prompt: the caller's (per-record seeds make a row's sample independent
+    of its batch), or params.seed + i when none are given."""
+    if seeds is None:
+        return [params.seed + i for i in range(n)]
+    if len(seeds) != n:
+        raise ValueError(f"one seed per prompt: {len(seeds)} seeds for {n} prompts")
+    return list(seeds)
+
+
 @dataclass
 class Completion:
     text: str

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exnihilo.engines.base import Completion, SamplingParams
+from exnihilo.engines.base import Completion, SamplingParams, row_seeds
 from exnihilo.engines.registry import register
 from exnihilo.errors import ExnihiloError
 from exnihilo.progress import token_progress
@@ -384,10 +384,7 @@ class LlamaCppEngine:
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      seeds: list[int] | None = None) -> list[Completion]:
         """Generate for token-id prompts; results in input order."""
-        if seeds is None:
-            seeds = [params.seed + i for i in range(len(prompt_ids))]
-        if len(seeds) != len(prompt_ids):
-            raise ValueError("one seed per prompt")
+        seeds = row_seeds(len(prompt_ids), params, seeds)
         if not prompt_ids:
             return []
         longest = max(len(p) for p in prompt_ids)

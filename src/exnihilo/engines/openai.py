@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from exnihilo.engines.base import Completion, Conversation, SamplingParams
+from exnihilo.engines.base import Completion, Conversation, SamplingParams, row_seeds
 from exnihilo.engines.registry import register
 from exnihilo.errors import ExnihiloError
 from exnihilo.progress import note, token_progress
@@ -234,14 +234,14 @@ class OpenAIEngine:
     # ------------------------------------------------------------------ protocol
     def complete(self, prompts: list[str], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[Completion]:
-        seeds = self._seeds(len(prompts), params, seeds)
+        seeds = row_seeds(len(prompts), params, seeds)
         bodies = [dict(self._sampling_body(params, s), prompt=p)
                   for p, s in zip(prompts, seeds, strict=True)]
         return self._run("/completions", bodies, params.stop)
 
     def chat(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
              seeds: list[int] | None = None) -> list[Completion]:
-        seeds = self._seeds(len(conversations), params, seeds)
+        seeds = row_seeds(len(conversations), params, seeds)
         bodies = [dict(self._sampling_body(params, s),
                        messages=[{"role": m["role"], "content": m["content"]} for m in c])
                   for c, s in zip(conversations, seeds, strict=True)]
@@ -276,14 +276,6 @@ class OpenAIEngine:
                                 f"--mode logprob needs them") from None
 
     # ------------------------------------------------------------------ request bodies
-    @staticmethod
-    def _seeds(n: int, params: SamplingParams, seeds: list[int] | None) -> list[int]:
-        if seeds is None:
-            return [params.seed + i for i in range(n)]
-        if len(seeds) != n:
-            raise ValueError("one seed per prompt")
-        return list(seeds)
-
     def _sampling_body(self, params: SamplingParams, seed: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from exnihilo.engines.base import Completion, Conversation, SamplingParams
+from exnihilo.engines.base import Completion, Conversation, SamplingParams, row_seeds
 from exnihilo.engines.transformers import TransformersEngine, cache_argument, filter_logits
 from exnihilo.progress import token_progress
 
@@ -98,7 +98,7 @@ class SpeculativeEngine:
 
     def complete(self, prompts: list[str], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[Completion]:
-        seeds = seeds if seeds is not None else [params.seed + i for i in range(len(prompts))]
+        seeds = row_seeds(len(prompts), params, seeds)
         out = []
         with token_progress(self.label, len(prompts)) as bar:
             for prompt, seed in zip(prompts, seeds, strict=True):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from exnihilo.engines.base import Completion, Conversation, SamplingParams
+from exnihilo.engines.base import Completion, Conversation, SamplingParams, row_seeds
 from exnihilo.engines.registry import register
 from exnihilo.progress import token_progress
 
@@ -195,10 +195,7 @@ class TransformersEngine:
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      seeds: list[int] | None = None) -> list[Completion]:
         """Generate for token-id prompts; results in input order."""
-        if seeds is None:
-            seeds = [params.seed + i for i in range(len(prompt_ids))]
-        if len(seeds) != len(prompt_ids):
-            raise ValueError("one seed per prompt")
+        seeds = row_seeds(len(prompt_ids), params, seeds)
         # Longest first: batches hold similar lengths (less padding) and the slowest batch
         # runs while the progress estimate is still honest.
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
