@@ -353,3 +353,34 @@ def test_continual_pretraining_of_an_existing_model(tmp_path, smol_tokenizer, ti
     assert "model.layers.0.mlp.down_proj.weight" in changed
     info = json.loads((tmp_path / "run" / "exnihilo_run.json").read_text())
     assert info["kind"] == "pretrain" and info["config"]["arch"] is None
+
+
+def test_corpora_read_parquet_and_the_hub_cache(tmp_path, monkeypatch, smol_tokenizer):
+    """Pretraining corpora ship as parquet with a text column (or as an hf: dataset): the
+    documents, their order and the tokenized stream match the same texts as JSONL."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (exnihilo[parquet])")
+    import pyarrow.parquet as pq
+    from tests.test_ecosystem_data import fake_snapshot
+
+    texts = ["Alpha document.", "Beta document, longer.", "Gamma."]
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"text": t, "id": i} for i, t in
+                                         enumerate(texts[:2])]), folder / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": texts[2]}, {"text": "  "}]),
+                   folder / "b.parquet")
+    assert list(iter_documents(folder)) == texts
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_snapshot(tmp_path / "hub", "dataset", "org/corpus", {
+        "data/train-00000-of-00001.jsonl": "".join(json.dumps({"text": t}) + "\n"
+                                                   for t in texts)})
+    assert list(iter_documents("hf:org/corpus")) == texts
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    streams = [open_stream(prepare_corpus(src, smol_tokenizer, 0.0, 0, cache=tmp_path / "k"),
+                           "train", 4).tokens.tolist()
+               for src in (folder, "hf:org/corpus", jsonl)]
+    assert streams[0] == streams[1] == streams[2]
+    pq.write_table(pa.Table.from_pylist([{"content": "no text column"}]), folder / "c.parquet")
+    with pytest.raises(ExnihiloError, match=r'c\.parquet:row 1: expected a string "text"'):
+        list(iter_documents(folder))

@@ -42,7 +42,9 @@ THREADS_HELP = "Torch threads (default: $EXNIHILO_THREADS or torch's own choice)
 
 def pretrain_command(
     data: str = input_argument("Text corpus: {\"text\"} JSONL (e.g. `synth documents "
-                               "--corpus-out`), a .txt/.md file, or a folder of them."),
+                               "--corpus-out`), parquet with a text column, "
+                               "hf:org/name[:split] from the local hub cache, a .txt/.md "
+                               "file, or a folder of them."),
     out: str = typer.Option(..., "-o", "--out", help="Output folder: a plain Hugging Face model "
                             "folder plus metrics.jsonl."),
     arch: str | None = typer.Option(None, "--arch", help="A Gemma 2 preset to train from "

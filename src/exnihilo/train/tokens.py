@@ -1,10 +1,13 @@
 """Text corpora → one flat token array on disk → fixed-length packed rows.
 
 Pretraining and distillation read plain text: `{"text": ...}` JSONL (what `synth documents
---corpus-out` writes, raw, mixed or instruction-augmented alike), `.txt`/`.md` files (one
-document each) or folders of them. Documents are tokenized in a streaming pass and written
-to a flat uint16/uint32 token file plus the offsets where documents start, so a corpus of
-any size costs one `numpy.memmap`, never Python lists of its tokens.
+--corpus-out` writes, raw, mixed or instruction-augmented alike), parquet files with a
+`text` column and `hf:org/name[:split]` datasets from the local hub cache (how pretraining
+corpora are shipped; read through `records.iter_source_rows`, the one reader every command
+uses), `.txt`/`.md` files (one document each) or folders of them. Documents are tokenized
+in a streaming pass and written to a flat uint16/uint32 token file plus the offsets where
+documents start, so a corpus of any size costs one `numpy.memmap`, never Python lists of
+its tokens.
 
 The stream is `EOS d1 EOS d2 … EOS dN EOS`: every document is preceded by the EOS that
 separates it from the previous one, and the last one is followed by a final EOS. A
@@ -49,36 +52,57 @@ from exnihilo.errors import ExnihiloError
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSONL_SUFFIXES = {".jsonl"}
+ROW_SUFFIXES = {".parquet"}  # row files read by records.iter_source_rows
 TOKENIZE_BATCH = 256  # documents per tokenizer call (the fast tokenizer batches in Rust)
 
 
 # -------------------------------------------------------------------------------- sources
 
 def data_files(path: str | Path) -> list[Path]:
-    """The text files a DATA path names: itself, or every .jsonl/.txt/.md below it
-    (sorted, so the document order is fixed)."""
+    """The files a DATA path names: itself, every .jsonl/.parquet/.txt/.md below it
+    (sorted, so the document order is fixed), or an `hf:` dataset's cached split files."""
+    from exnihilo.records import HF_PREFIX, hf_split_files
+
+    if str(path).startswith(HF_PREFIX):
+        return hf_split_files(str(path))
     root = Path(path).expanduser()
     if root.is_file():
         return [root]
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file()
-                       and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower()
+                       in TEXT_SUFFIXES | JSONL_SUFFIXES | ROW_SUFFIXES)
         if not files:
-            raise ExnihiloError(f"{path}: the folder holds no .jsonl, .txt or .md files")
+            raise ExnihiloError(f"{path}: the folder holds no .jsonl, .parquet, .txt or .md "
+                                f"files")
         return files
     raise ExnihiloError(f"{path}: no such file or folder")
 
 
 def iter_documents(path: str | Path) -> Iterator[str]:
-    """Every non-blank document of the corpus, in order. A JSONL line must be an object
-    with a string "text"; a .txt/.md file is one document."""
+    """Every non-blank document of the corpus, in order. A JSONL line or parquet row must
+    have a string "text"; a .txt/.md file is one document."""
     for file in data_files(path):
-        if file.suffix.lower() in JSONL_SUFFIXES:
+        suffix = file.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
             yield from _jsonl_texts(file)
+        elif suffix in ROW_SUFFIXES or suffix == ".json":  # .json: an hf: split file
+            yield from _row_texts(file)
         else:
             text = file.read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 yield text
+
+
+def _row_texts(file: Path) -> Iterator[str]:
+    from exnihilo.records import iter_source_rows
+
+    for where, obj in iter_source_rows(file):
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ExnihiloError(f'{where}: expected a string "text" field (a pretraining '
+                                f'corpus row)')
+        if text.strip():
+            yield text
 
 
 def _jsonl_texts(file: Path) -> Iterator[str]:
