@@ -206,14 +206,25 @@ def blank_candidates(sentence: str, vocab: set[str]) -> list[str]:
     return [w for w in dict.fromkeys(words) if w in vocab and lowered.count(w.lower()) == 1]
 
 
+def distractor_pool(vocab: list[str], excluded: set[str]) -> list[str]:
+    """Words of `vocab` not in `excluded` (lower case), one spelling each (the first seen),
+    in first-seen order, so a seeded draw from it is reproducible."""
+    pool, seen = [], set(excluded)
+    for w in vocab:
+        if w.lower() not in seen:
+            seen.add(w.lower())
+            pool.append(w)
+    return pool
+
+
 def cloze_item(doc: str, vocab: list[str], tokenizer: Any, rng: random.Random, budget: int,
                item_id: str, used: set[str] | frozenset[str] = frozenset()
                ) -> dict[str, Any] | None:
     """One cloze question about `doc`: (context, blanked sentence, 4 options, answer index),
     or None when the document has no usable sentence left (`used`: sentences already asked
     about). The blanked sentence is taken from the shown context, so the answer is always
-    in it; distractors are other salient words of the same module, never equal to the
-    answer (case-insensitively) nor in the sentence."""
+    in it; distractors are other salient words of the same module, distinct from each
+    other and from the answer (case-insensitively) and absent from the sentence."""
     vocab_set = set(vocab)
     paras = paragraphs(doc)
     candidates = []
@@ -229,7 +240,7 @@ def cloze_item(doc: str, vocab: list[str], tokenizer: Any, rng: random.Random, b
         if context is None:
             continue
         in_sentence = {w.lower() for w in WORD.findall(sentence)}
-        pool = [w for w in vocab if w.lower() != word.lower() and w.lower() not in in_sentence]
+        pool = distractor_pool(vocab, {word.lower(), *in_sentence})
         if len(pool) < CHOICES - 1:
             continue
         options = [word, *rng.sample(pool, CHOICES - 1)]
@@ -344,7 +355,7 @@ def score_choice(model: Any, tokenizer: Any, items: list[dict[str, Any]], chat: 
     answers = [it["answer"] for it in items]
     return {"correct": choice_correct(sums, answers).tolist(),
             "correct_per_token": choice_correct(sums / counts, answers).tolist(),
-            "sums": sums.tolist(), "counts": counts.tolist()}
+            "option_sums": sums.tolist(), "option_counts": counts.tolist()}
 
 
 # --------------------------------------------------------- (c) the same short instruction tuning
