@@ -430,21 +430,32 @@ def items_digest(items: list[dict[str, Any]]) -> str:
 
 def evaluate_arm(folder: Path, tokenizer: Any, heldout: list[str], items: list[dict], s: dict,
                  chat: bool, seed: int) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
+    from exnihilo.models import load_model
 
     key = {"model": str(folder), "heldout": len(heldout), "eval_len": s["eval_len"],
            "items": items_digest(items), "chat": chat}
 
     def compute() -> dict[str, Any]:
-        model = AutoModelForCausalLM.from_pretrained(folder)
+        model = load_model(str(folder), "float32")
         nll, counts = document_nll(model, tokenizer, heldout, s["eval_len"])
         return {"nll": nll.tolist(), "counts": counts.tolist(),
                 **score_choice(model, tokenizer, items, chat, seed)}
     return cached_scores(folder.parent / "scores" / f"{folder.name}.json", key, compute)
 
 
-def train_seconds(folder: Path) -> float:
-    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["train_seconds"]
+def last_metrics(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def context_count_guess(items: list[dict[str, Any]]) -> np.ndarray:
+    """A no-model reference for (b): pick the option that occurs most often (whole word) in
+    the shown context, the first listed on ties. 1.0 where that is the answer."""
+    picks = []
+    for it in items:
+        counts = [len(re.findall(rf"(?<!\w){re.escape(o)}(?!\w)", it["context"]))
+                  for o in it["options"]]
+        picks.append(counts.index(max(counts)))
+    return (np.asarray(picks) == np.asarray([it["answer"] for it in items])).astype(float)
 
 
 # ----------------------------------------------------------------------------------- run
@@ -461,6 +472,49 @@ def pretrain_arm(folder: Path, data: Path, s: dict, setup: str, seed: int, token
         data=str(data), out=str(folder), seq_len=s["seq_len"], batch_size=s["batch_size"],
         val_fraction=0.0, eval_every=0, save_every=0, seed=seed, warmup_ratio=0.02, **extra),
         tokenizer=tokenizer)
+
+
+def measure_setup(setup: str, out: Path, corpora: list[Path], tune_data: Path,
+                  docs: list[str], items: list[dict[str, Any]], s: dict, seed: int,
+                  tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
+    """Pretrain (or reuse) and tune (or reuse) the three arms of one setup and measure
+    each before and after tuning: rows of the four result tables, with differences to
+    this setup's Vanilla arm."""
+    lr = s["tune_lr_scratch" if setup == "scratch" else "tune_lr_continual"]
+    rows: dict[str, list[dict[str, Any]]] = {
+        "arms": [], "choice": [], "tuned_perplexity": [], "tuned_choice": []}
+    base: dict[str, dict[str, Any]] = {}
+    for k, (name, data) in enumerate(zip(ARMS, corpora, strict=True)):
+        folder, tuned = out / f"{setup}-{k}", out / f"{setup}-{k}-tuned"
+        pretrain_arm(folder, data, s, setup, seed, tokenizer)
+        tune(tuned, folder, tune_data, s, lr, seed, tokenizer)
+        info = json.loads((folder / "exnihilo_run.json").read_text())
+        tuning = last_metrics(tuned)
+        stages = (("arms", "choice", folder, False, {
+                      "trained_tokens": info["trained_tokens"],
+                      "train_seconds": last_metrics(folder)["train_seconds"],
+                      "corpus_documents": info["data"]["documents"]}),
+                  ("tuned_perplexity", "tuned_choice", tuned, True, {
+                      "trained_tokens": tuning["trained_tokens"],
+                      "train_seconds": tuning["train_seconds"],
+                      "tuning_positions": tuning["positions"], "tuning_steps": tuning["step"],
+                      "pretrain_trained_tokens": info["trained_tokens"]}))
+        for ppl_key, choice_key, model_dir, chat, extra in stages:
+            sc = evaluate_arm(model_dir, tokenizer, docs, items, s, chat, seed)
+            ref = base.setdefault(ppl_key, sc)
+            first = ref is sc
+            rows[ppl_key].append(arm_row(
+                f"{setup}: {name}", (np.asarray(sc["nll"]), np.asarray(sc["counts"])),
+                None if first else (np.asarray(ref["nll"]), np.asarray(ref["counts"])), extra))
+            rows[choice_key].append(accuracy_row(
+                f"{setup}: {name}", np.asarray(sc["correct"]),
+                None if first else np.asarray(ref["correct"]),
+                {"accuracy_per_token": float(np.mean(sc["correct_per_token"])),
+                 "format": "chat" if chat else "pair templates"}))
+    rows["choice"].append(accuracy_row(
+        f"{setup}: reference, no model: the option seen most often in the context",
+        context_count_guess(items), None))
+    return rows
 
 
 def main() -> None:
@@ -499,54 +553,31 @@ def main() -> None:
                                                  s["context_tokens"], args.seed,
                                                  s["tune_max_length"]))
 
-    setups = ["scratch", "continual"] if args.continual else ["scratch"]
     sections: dict[str, list[dict[str, Any]]] = {
         "arms": [], "choice": [], "tuned_perplexity": [], "tuned_choice": []}
-    for setup in setups:
+    for setup in ["scratch", "continual"] if args.continual else ["scratch"]:
         docs = heldout[:s["heldout_docs" if setup == "scratch" else "continual_heldout_docs"]]
         asked = items[:s["items" if setup == "scratch" else "continual_items"]]
-        lr = s["tune_lr_scratch" if setup == "scratch" else "tune_lr_continual"]
-        base: dict[str, dict[str, Any]] = {}
-        for k, (name, data) in enumerate(zip(ARMS, corpora, strict=True)):
-            folder, tuned = out / f"{setup}-{k}", out / f"{setup}-{k}-tuned"
-            pretrain_arm(folder, data, s, setup, args.seed, tokenizer)
-            tune(tuned, folder, tune_data, s, lr, args.seed, tokenizer)
-            info = json.loads((folder / "exnihilo_run.json").read_text())
-            for stage, model_dir, chat in (("", folder, False), ("tuned_", tuned, True)):
-                sc = evaluate_arm(model_dir, tokenizer, docs, asked, s, chat, args.seed)
-                ppl = (np.asarray(sc["nll"]), np.asarray(sc["counts"]))
-                first = base.setdefault(stage, sc) is sc
-                ref = base[stage]
-                sections["arms" if not stage else "tuned_perplexity"].append(arm_row(
-                    f"{setup}: {name}", ppl, None if first else
-                    (np.asarray(ref["nll"]), np.asarray(ref["counts"])),
-                    {"trained_tokens": info["trained_tokens"],
-                     "train_seconds": train_seconds(model_dir),
-                     "corpus_documents": info["data"]["documents"]}))
-                sections["choice" if not stage else "tuned_choice"].append(accuracy_row(
-                    f"{setup}: {name}", np.asarray(sc["correct"]),
-                    None if first else np.asarray(ref["correct"]),
-                    {"accuracy_per_token": float(np.mean(sc["correct_per_token"])),
-                     "format": "chat" if chat else "pair templates"}))
+        for key, rows in measure_setup(setup, out, corpora, tune_data, docs, asked, s,
+                                       args.seed, tokenizer).items():
+            sections[key] += rows
     settings = {**s, "seed": args.seed, "quick": args.quick, "continual": args.continual,
                 "chunks_used": len(raw), "augmented_texts": len(aug),
                 "general_texts": len(general), "cloze_items": len(items),
                 "tune_examples_written": sum(1 for _ in tune_data.open()),
                 "wall_seconds": round(time.perf_counter() - started)}
-    b = "Vanilla PT"
+    titles = {
+        "arms": "(a) held-out perplexity",
+        "choice": "(b) held-out cloze multiple choice (pair-template format; chance 25 %)",
+        "tuned_perplexity": "(c) after the same instruction tuning: held-out perplexity "
+                            "(train tokens and s: the tuning's; answer tokens trained)",
+        "tuned_choice": "(c) after the same instruction tuning: cloze multiple choice "
+                        "(chat format, as tuned; chance 25 %)"}
+    tables = {"arms": markdown_table, "choice": accuracy_table,
+              "tuned_perplexity": markdown_table, "tuned_choice": accuracy_table}
     save_sections(out, "Instruction Pre-Training: Vanilla vs Mix vs Instruct", [
-        ("arms", "## (a) held-out perplexity\n\n" + markdown_table(sections["arms"], b),
-         sections["arms"]),
-        ("choice", "## (b) held-out cloze multiple choice (pair-template format; chance 25 %)"
-         "\n\n" + accuracy_table(sections["choice"], b), sections["choice"]),
-        ("tuned_perplexity", "## (c) after the same instruction tuning: held-out perplexity "
-         "(train s = tuning)\n\n" + markdown_table(sections["tuned_perplexity"], b),
-         sections["tuned_perplexity"]),
-        ("tuned_choice", "## (c) after the same instruction tuning: cloze multiple choice "
-         "(chat format, as tuned; chance 25 %)\n\n" + accuracy_table(sections["tuned_choice"], b),
-         sections["tuned_choice"]),
-    ], settings)
-
+        (key, f"## {titles[key]}\n\n{tables[key](rows, 'Vanilla PT')}", rows)
+        for key, rows in sections.items()], settings)
 
 if __name__ == "__main__":
     main()
