@@ -22,7 +22,8 @@ the same short instruction tuning.
    (a) raw-text perplexity over whole documents (`common.document_nll`);
    (b) cloze multiple choice built without any model (`cloze_items`): a context of a
        paragraph or two, a sentence of it with one salient word blanked, four options
-       (the word + three other salient words of the same module, seeded). The prompt is
+       (the word + three other salient words of the same module, from the shown context
+       where it has three, seeded). The prompt is
        the context followed by the question and an answer slot in one of the augmented
        corpus's pair templates (`PAIR_TEMPLATES`, drawn per item as `corpus_texts` draws
        per chunk), so it is exactly the format the Instruct arm saw; each option is
@@ -41,7 +42,7 @@ the same short instruction tuning.
 
 Sizes (FULL; --quick is far smaller): from scratch gemma2-tiny, 200k tokens per arm, seq
 256, scored on all 52 held-out documents and 200 cloze items; continual SmolLM2-135M, 16k
-tokens per arm, scored on 48 documents and the first 64 items; tuning 32 examples (≤ 256
+tokens per arm, scored on 48 documents and the first 80 items; tuning 32 examples (≤ 256
 tokens each), one epoch, batch 4 (8 steps), lr 1e-3 from scratch / 5e-5 continual. About
 75 min on one thread, plus the synthesis (resumed if its files exist).
 
@@ -93,7 +94,7 @@ QUICK = dict(preset="gemma2-micro", modules=8, chunks=40, chunk_tokens=256, held
 FULL = dict(preset="gemma2-tiny", modules=24, chunks=240, chunk_tokens=256,
             heldout_docs=200, seq_len=256, tokens=200_000, batch_size=8, lr=2e-3,
             eval_len=256, continual_tokens=16_384, continual_heldout_docs=48, items=200,
-            continual_items=64, context_tokens=128, tune_examples=32, tune_epochs=1,
+            continual_items=80, context_tokens=128, tune_examples=32, tune_epochs=1,
             tune_batch_size=4, tune_max_length=256, tune_lr_scratch=1e-3,
             tune_lr_continual=5e-5)
 SYNTHESIZER = "smollm2-135m-instruct"
@@ -223,14 +224,29 @@ def distractor_pool(vocab: list[str], excluded: set[str]) -> list[str]:
     return pool
 
 
+def draw_distractors(in_context: list[str], vocab: list[str], excluded: set[str],
+                     rng: random.Random) -> list[str] | None:
+    """CHOICES − 1 distractors: salient words of the shown context first (so "which option
+    appears in the context" does not give the answer away; the blank must be located),
+    topped up from the module's other salient words; None when there are too few."""
+    near = distractor_pool(in_context, excluded)
+    if len(near) >= CHOICES - 1:
+        return rng.sample(near, CHOICES - 1)
+    far = distractor_pool(vocab, excluded | {w.lower() for w in near})
+    if len(near) + len(far) < CHOICES - 1:
+        return None
+    return near + rng.sample(far, CHOICES - 1 - len(near))
+
+
 def cloze_item(doc: str, vocab: list[str], tokenizer: Any, rng: random.Random, budget: int,
                item_id: str, used: set[str] | frozenset[str] = frozenset()
                ) -> dict[str, Any] | None:
     """One cloze question about `doc`: (context, blanked sentence, 4 options, answer index),
     or None when the document has no usable sentence left (`used`: sentences already asked
     about). The blanked sentence is taken from the shown context, so the answer is always
-    in it; distractors are other salient words of the same module, distinct from each
-    other and from the answer (case-insensitively) and absent from the sentence."""
+    in it; distractors are other salient words of the same module (of the shown context
+    where it has enough), distinct from each other and from the answer (case-insensitively)
+    and absent from the sentence."""
     vocab_set = set(vocab)
     paras = paragraphs(doc)
     candidates = []
@@ -245,11 +261,11 @@ def cloze_item(doc: str, vocab: list[str], tokenizer: Any, rng: random.Random, b
         context = context_window(paras, p, tokenizer, budget)
         if context is None:
             continue
-        in_sentence = {w.lower() for w in WORD.findall(sentence)}
-        pool = distractor_pool(vocab, {word.lower(), *in_sentence})
-        if len(pool) < CHOICES - 1:
+        excluded = {word.lower(), *(w.lower() for w in WORD.findall(sentence))}
+        distractors = draw_distractors(salient_words(context), vocab, excluded, rng)
+        if distractors is None:
             continue
-        options = [word, *rng.sample(pool, CHOICES - 1)]
+        options = [word, *distractors]
         rng.shuffle(options)
         pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
         return {"id": item_id, "context": context, "sentence": sentence,

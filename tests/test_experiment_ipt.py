@@ -50,8 +50,9 @@ def test_cloze_item_blanks_the_one_salient_word_and_draws_other_distractors():
     assert item["question"] == "It is on to be the ____."
     assert item["options"][item["answer"]] == "frobnicator"
     assert len(set(item["options"])) == 4
-    assert set(item["options"]) - {"frobnicator"} <= {"alpha", "beta", "gamma", "delta",
-                                                      "paragraph"}
+    # the context's own salient words first ("here" is a stopword), then one from the module
+    rest = set(item["options"]) - {"frobnicator", "First", "paragraph"}
+    assert len(rest) == 1 and rest <= {"alpha", "beta", "gamma", "delta"}
     # no sentence left to ask: None
     assert ipt.cloze_item(doc, vocab, WordTokenizer(), __import__("random").Random(0), 50, "y",
                           {item["sentence"]}) is None
@@ -82,6 +83,10 @@ def test_cloze_items_invariants_on_real_heldout_text(heldout_items, smol_tokeniz
         assert ipt.n_tokens(smol_tokenizer, it["context"]) <= 96
         module = texts[int(it["id"].split("-")[0])]
         assert all(re.search(rf"(?<!\w){re.escape(d)}(?!\w)", module) for d in distractors)
+        excluded = {w.lower() for w in ipt.WORD.findall(it["sentence"])}
+        if len(ipt.distractor_pool(ipt.salient_words(it["context"]), excluded)) >= 3:
+            assert all(re.search(rf"(?<!\w){re.escape(d)}(?!\w)", it["context"])
+                       for d in distractors)
     answers = [it["answer"] for it in items]
     assert len(set(answers)) > 1  # the right option is not always in one place
 
@@ -219,6 +224,15 @@ def test_cached_scores_compute_once_per_key(tmp_path):
     assert ipt.cached_scores(path, {"k": 1}, compute)["v"] == 1
     assert ipt.cached_scores(path, {"k": 2}, compute)["v"] == 2
     assert len(calls) == 2
+
+
+def test_draw_distractors_tops_up_from_the_module_only_when_the_context_is_short():
+    rng = __import__("random").Random(0)
+    got = ipt.draw_distractors(["ctxa", "ctxb", "ctxc", "ctxd"], ["moda"], {"ctxd"}, rng)
+    assert sorted(got) == ["ctxa", "ctxb", "ctxc"]
+    got = ipt.draw_distractors(["ctxa"], ["moda", "ctxa", "modb"], set(), rng)
+    assert got[0] == "ctxa" and sorted(got[1:]) == ["moda", "modb"]
+    assert ipt.draw_distractors(["ctxa"], ["ctxa", "moda"], set(), rng) is None
 
 
 def test_distractor_pool_one_spelling_each_excluded_words_out():
