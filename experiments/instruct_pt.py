@@ -21,15 +21,16 @@ the same short instruction tuning.
    trained on), all through `exnihilo.train.forward.sequence_logprobs`:
    (a) raw-text perplexity over whole documents (`common.document_nll`);
    (b) cloze multiple choice built without any model (`cloze_items`): a context of a
-       paragraph or two, a sentence of it with one salient word blanked, four options
-       (the word + three other salient words of the same module, from the shown context
-       where it has three, seeded). The prompt is
-       the context followed by the question and an answer slot in one of the augmented
-       corpus's pair templates (`PAIR_TEMPLATES`, drawn per item as `corpus_texts` draws
-       per chunk), so it is exactly the format the Instruct arm saw; each option is
-       scored by its summed log-probability after the prompt; chance is 25 %.
-       (`eval choice` is not used: its log-prob path goes through a chat template, which
-       a plain-text base model never saw.)
+       paragraph or two, a sentence of it with one salient word blanked, four options:
+       the word + three other salient words of the same module, taken from the shown
+       context where it has three (seeded), so the blank must be located, not just an
+       option recognized as seen (a no-model row, "the option seen most often in the
+       context", checks this). The prompt is the context, then the question and an
+       answer slot in one of the augmented corpus's pair templates (`PAIR_TEMPLATES`,
+       drawn per item as `corpus_texts` draws per chunk): exactly the format the
+       Instruct arm saw. Each option is scored by its summed log-probability after the
+       prompt; chance is 25 %. (`eval choice` is not used: its log-prob path goes through
+       an engine's chat template, which a plain-text base model never saw.)
    (c) each arm's model is fully fine-tuned with the product's SFT recipe
        (`exnihilo.train.sft`, style "chat", loss on the answers), same data, steps and
        seed for every arm: the synthesizer's own question–answer pairs about TRAINING
@@ -265,12 +266,15 @@ def cloze_item(doc: str, vocab: list[str], tokenizer: Any, rng: random.Random, b
         distractors = draw_distractors(salient_words(context), vocab, excluded, rng)
         if distractors is None:
             continue
+        pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+        question = pattern.sub(BLANK, sentence, count=1)
+        flat = " ".join(context.split())
+        if any(question.replace(BLANK, d) in flat for d in distractors):
+            continue  # the context also holds the sentence with a distractor: two answers
         options = [word, *distractors]
         rng.shuffle(options)
-        pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
         return {"id": item_id, "context": context, "sentence": sentence,
-                "question": pattern.sub(BLANK, sentence, count=1),
-                "options": options, "answer": options.index(word)}
+                "question": question, "options": options, "answer": options.index(word)}
     return None
 
 

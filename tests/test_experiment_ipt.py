@@ -238,3 +238,15 @@ def test_draw_distractors_tops_up_from_the_module_only_when_the_context_is_short
 def test_distractor_pool_one_spelling_each_excluded_words_out():
     vocab = ["Queue", "item", "queue", "Item", "size", "put"]
     assert ipt.distractor_pool(vocab, {"size"}) == ["Queue", "item", "put"]
+
+
+def test_cloze_item_never_asks_a_sentence_the_context_also_holds_with_a_distractor():
+    doc = "It is on to be the frobnicator.\n\nIt is on to be the gizmo.\n\nAlpha beta."
+    vocab = ["frobnicator", "gizmo", "Alpha", "beta"]
+    # the context's pool is exactly the other three words, so each sentence's distractors
+    # include the word that completes the other sentence: no item can be unambiguous
+    item = ipt.cloze_item(doc, vocab, WordTokenizer(), __import__("random").Random(0), 50, "x")
+    assert item is None
+    item = ipt.cloze_item(doc.replace("gizmo", "gizmo thing"), vocab, WordTokenizer(),
+                          __import__("random").Random(0), 50, "x")
+    assert item is not None and item["options"][item["answer"]] in {"frobnicator", "gizmo"}
