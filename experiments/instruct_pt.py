@@ -30,20 +30,25 @@ the same short instruction tuning.
        drawn per item as `corpus_texts` draws per chunk): exactly the format the
        Instruct arm saw. Each option is scored by its summed log-probability after the
        prompt; chance is 25 %. (`eval choice` is not used: its log-prob path goes through
-       an engine's chat template, which a plain-text base model never saw.)
+       an engine's chat template, which a plain-text base model never saw.) The same
+       items are also scored in place, without a question: the context, then the sentence
+       up to the blank, continued by each option. SmolLM2-135M-Instruct itself answers 31 %
+       of 48 items as a question but 85 % in place (measured): at this scale the question
+       format hides what the model can read, so both are reported.
    (c) each arm's model is fully fine-tuned with the product's SFT recipe
        (`exnihilo.train.sft`, style "chat", loss on the answers), same data, steps and
        seed for every arm: the synthesizer's own question–answer pairs about TRAINING
        chunks, each shown with its chunk's context (in-context QA, the skill (b) tests);
        then (a) and (b) again. After tuning, (b) is scored in the format the tuning used
-       (the chat template, the user turn = context + question, the option = the reply).
+       (the chat template, the user turn = context + question, the option = the reply);
+       the in-place form stays plain text.
    Accuracy has a 95 % bootstrap interval over items and a paired bootstrap interval of
    the difference to Vanilla; the per-token column divides each option's log-prob by its
    token count (lm-evaluation-harness's acc_norm idea).
 
 Sizes (FULL; --quick is far smaller): from scratch gemma2-tiny, 200k tokens per arm, seq
 256, scored on all 52 held-out documents and 200 cloze items; continual SmolLM2-135M, 16k
-tokens per arm, scored on 48 documents and the first 80 items; tuning 32 examples (≤ 256
+tokens per arm, scored on 48 documents and the first 48 items; tuning 32 examples (≤ 256
 tokens each), one epoch, batch 4 (8 steps), lr 1e-3 from scratch / 5e-5 continual. About
 75 min on one thread, plus the synthesis (resumed if its files exist).
 
@@ -95,7 +100,7 @@ QUICK = dict(preset="gemma2-micro", modules=8, chunks=40, chunk_tokens=256, held
 FULL = dict(preset="gemma2-tiny", modules=24, chunks=240, chunk_tokens=256,
             heldout_docs=200, seq_len=256, tokens=200_000, batch_size=8, lr=2e-3,
             eval_len=256, continual_tokens=16_384, continual_heldout_docs=48, items=200,
-            continual_items=80, context_tokens=128, tune_examples=32, tune_epochs=1,
+            continual_items=48, context_tokens=128, tune_examples=32, tune_epochs=1,
             tune_batch_size=4, tune_max_length=256, tune_lr_scratch=1e-3,
             tune_lr_continual=5e-5)
 SYNTHESIZER = "smollm2-135m-instruct"
@@ -341,6 +346,24 @@ def chat_prompt(item: dict[str, Any], tokenizer: Any) -> tuple[str, list[str]]:
     return render_prompt(messages, "chat", tokenizer), list(item["options"])
 
 
+def inplace_prompt(item: dict[str, Any]) -> tuple[str, list[str]]:
+    """(prompt, options) as plain-text continuation, no question at all: the context, then
+    the asked sentence up to the blank, which each option continues (LAMBADA's form). It
+    asks the same thing as the question formats without asking the model to work one."""
+    before = item["question"].split(BLANK)[0]
+    head = before.rstrip()
+    space = before[len(head):][:1]  # the blank's leading space joins the option
+    return f"{item['context']}\n\n{head}", [space + o for o in item["options"]]
+
+
+# (b)'s formats: name → (prompt builder(item, tokenizer, seed), chat tokenization?)
+FORMATS = {
+    "pair": (lambda it, tok, seed: plain_prompt(it, item_template(it, seed)), False),
+    "chat": (lambda it, tok, seed: chat_prompt(it, tok), True),
+    "inplace": (lambda it, tok, seed: inplace_prompt(it), False),
+}
+
+
 def option_logprobs(model: Any, tokenizer: Any, prompts: list[tuple[str, list[str]]],
                     chat: bool, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(summed log-prob, token count) of every option after its prompt, [items, options].
@@ -372,12 +395,13 @@ def choice_correct(scores: np.ndarray, answers: list[int]) -> np.ndarray:
     return (scores.argmax(1) == np.asarray(answers)).astype(float)
 
 
-def score_choice(model: Any, tokenizer: Any, items: list[dict[str, Any]], chat: bool,
+def score_choice(model: Any, tokenizer: Any, items: list[dict[str, Any]], fmt: str,
                  seed: int = 0) -> dict[str, list]:
-    """Per-item correctness by summed and by per-token log-prob, and the raw scores."""
-    prompts = [chat_prompt(it, tokenizer) if chat else plain_prompt(it, item_template(it, seed))
-               for it in items]
-    sums, counts = option_logprobs(model, tokenizer, prompts, chat)
+    """Per-item correctness by summed and by per-token log-prob, and the raw scores, with
+    the items shown in format `fmt` (a key of FORMATS)."""
+    build, chat = FORMATS[fmt]
+    sums, counts = option_logprobs(model, tokenizer,
+                                   [build(it, tokenizer, seed) for it in items], chat)
     answers = [it["answer"] for it in items]
     return {"correct": choice_correct(sums, answers).tolist(),
             "correct_per_token": choice_correct(sums / counts, answers).tolist(),
@@ -462,17 +486,18 @@ def items_digest(items: list[dict[str, Any]]) -> str:
 
 
 def evaluate_arm(folder: Path, tokenizer: Any, heldout: list[str], items: list[dict], s: dict,
-                 chat: bool, seed: int) -> dict[str, Any]:
+                 formats: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """(a) and (b) in each of `formats` for the model in `folder`, cached per folder."""
     from exnihilo.models import load_model
 
     key = {"model": str(folder), "heldout": len(heldout), "eval_len": s["eval_len"],
-           "items": items_digest(items), "chat": chat}
+           "items": items_digest(items), "formats": list(formats)}
 
     def compute() -> dict[str, Any]:
         model = load_model(str(folder), "float32")
         nll, counts = document_nll(model, tokenizer, heldout, s["eval_len"])
         return {"nll": nll.tolist(), "counts": counts.tolist(),
-                **score_choice(model, tokenizer, items, chat, seed)}
+                "choice": {f: score_choice(model, tokenizer, items, f, seed) for f in formats}}
     return cached_scores(folder.parent / "scores" / f"{folder.name}.json", key, compute)
 
 
@@ -507,6 +532,22 @@ def pretrain_arm(folder: Path, data: Path, s: dict, setup: str, seed: int, token
         resume=unfinished(folder), tokenizer=tokenizer)
 
 
+# results.json keys and results.md titles, in order
+SECTIONS = {
+    "arms": "(a) held-out perplexity",
+    "choice": "(b) held-out cloze multiple choice, as a question in the pair templates' "
+              "format (chance 25 %)",
+    "choice_inplace": "(b) the same items in place: the sentence up to the blank, continued "
+                      "by each option (chance 25 %)",
+    "tuned_perplexity": "(c) after the same instruction tuning: held-out perplexity "
+                        "(train tokens and s: the tuning's; answer tokens trained)",
+    "tuned_choice": "(c) after the same instruction tuning: the question, in the chat "
+                    "format the tuning used (chance 25 %)",
+    "tuned_choice_inplace": "(c) after the same instruction tuning: the items in place "
+                            "(chance 25 %)",
+}
+
+
 def measure_setup(setup: str, out: Path, corpora: list[Path], tune_data: Path,
                   docs: list[str], items: list[dict[str, Any]], s: dict, seed: int,
                   tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
@@ -514,8 +555,7 @@ def measure_setup(setup: str, out: Path, corpora: list[Path], tune_data: Path,
     each before and after tuning: rows of the four result tables, with differences to
     this setup's Vanilla arm."""
     lr = s["tune_lr_scratch" if setup == "scratch" else "tune_lr_continual"]
-    rows: dict[str, list[dict[str, Any]]] = {
-        "arms": [], "choice": [], "tuned_perplexity": [], "tuned_choice": []}
+    rows: dict[str, list[dict[str, Any]]] = {key: [] for key in SECTIONS}
     base: dict[str, dict[str, Any]] = {}
     for k, (name, data) in enumerate(zip(ARMS, corpora, strict=True)):
         folder, tuned = out / f"{setup}-{k}", out / f"{setup}-{k}-tuned"
@@ -523,27 +563,31 @@ def measure_setup(setup: str, out: Path, corpora: list[Path], tune_data: Path,
         tune(tuned, folder, tune_data, s, lr, seed, tokenizer)
         info = json.loads((folder / "exnihilo_run.json").read_text())
         tuning = last_metrics(tuned)
-        stages = (("arms", "choice", folder, False, {
+        stages = (("arms", folder, {"choice": "pair", "choice_inplace": "inplace"}, {
                       "trained_tokens": info["trained_tokens"],
                       "train_seconds": last_metrics(folder)["train_seconds"],
                       "corpus_documents": info["data"]["documents"]}),
-                  ("tuned_perplexity", "tuned_choice", tuned, True, {
+                  ("tuned_perplexity", tuned, {"tuned_choice": "chat",
+                                               "tuned_choice_inplace": "inplace"}, {
                       "trained_tokens": tuning["trained_tokens"],
                       "train_seconds": tuning["train_seconds"],
                       "tuning_positions": tuning["positions"], "tuning_steps": tuning["step"],
                       "pretrain_trained_tokens": info["trained_tokens"]}))
-        for ppl_key, choice_key, model_dir, chat, extra in stages:
-            sc = evaluate_arm(model_dir, tokenizer, docs, items, s, chat, seed)
+        for ppl_key, model_dir, formats, extra in stages:
+            sc = evaluate_arm(model_dir, tokenizer, docs, items, s, tuple(formats.values()),
+                              seed)
             ref = base.setdefault(ppl_key, sc)
             first = ref is sc
             rows[ppl_key].append(arm_row(
                 f"{setup}: {name}", (np.asarray(sc["nll"]), np.asarray(sc["counts"])),
                 None if first else (np.asarray(ref["nll"]), np.asarray(ref["counts"])), extra))
-            rows[choice_key].append(accuracy_row(
-                f"{setup}: {name}", np.asarray(sc["correct"]),
-                None if first else np.asarray(ref["correct"]),
-                {"accuracy_per_token": float(np.mean(sc["correct_per_token"])),
-                 "format": "chat" if chat else "pair templates"}))
+            for choice_key, fmt in formats.items():
+                got, want = sc["choice"][fmt], ref["choice"][fmt]
+                rows[choice_key].append(accuracy_row(
+                    f"{setup}: {name}", np.asarray(got["correct"]),
+                    None if first else np.asarray(want["correct"]),
+                    {"accuracy_per_token": float(np.mean(got["correct_per_token"])),
+                     "format": fmt}))
     rows["choice"].append(accuracy_row(
         f"{setup}: reference, no model: the option seen most often in the context",
         context_count_guess(items), None))
@@ -586,8 +630,7 @@ def main() -> None:
                                                  s["context_tokens"], args.seed,
                                                  s["tune_max_length"]))
 
-    sections: dict[str, list[dict[str, Any]]] = {
-        "arms": [], "choice": [], "tuned_perplexity": [], "tuned_choice": []}
+    sections: dict[str, list[dict[str, Any]]] = {key: [] for key in SECTIONS}
     for setup in ["scratch", "continual"] if args.continual else ["scratch"]:
         docs = heldout[:s["heldout_docs" if setup == "scratch" else "continual_heldout_docs"]]
         asked = items[:s["items" if setup == "scratch" else "continual_items"]]
@@ -599,17 +642,9 @@ def main() -> None:
                 "general_texts": len(general), "cloze_items": len(items),
                 "tune_examples_written": sum(1 for _ in tune_data.open()),
                 "wall_seconds": round(time.perf_counter() - started)}
-    titles = {
-        "arms": "(a) held-out perplexity",
-        "choice": "(b) held-out cloze multiple choice (pair-template format; chance 25 %)",
-        "tuned_perplexity": "(c) after the same instruction tuning: held-out perplexity "
-                            "(train tokens and s: the tuning's; answer tokens trained)",
-        "tuned_choice": "(c) after the same instruction tuning: cloze multiple choice "
-                        "(chat format, as tuned; chance 25 %)"}
-    tables = {"arms": markdown_table, "choice": accuracy_table,
-              "tuned_perplexity": markdown_table, "tuned_choice": accuracy_table}
+    tables = {key: accuracy_table if "choice" in key else markdown_table for key in SECTIONS}
     save_sections(out, "Instruction Pre-Training: Vanilla vs Mix vs Instruct", [
-        (key, f"## {titles[key]}\n\n{tables[key](rows, 'Vanilla PT')}", rows)
+        (key, f"## {SECTIONS[key]}\n\n{tables[key](rows, 'Vanilla PT')}", rows)
         for key, rows in sections.items()], settings)
 
 if __name__ == "__main__":

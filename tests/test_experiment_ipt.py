@@ -115,6 +115,16 @@ def test_plain_prompt_canonical_by_hand():
         [" a", " b"])
 
 
+def test_inplace_prompt_continues_the_sentence_up_to_the_blank():
+    item = {"id": "x", "context": "Ctx.", "question": "The ____ runs.", "options": ["a", "b"],
+            "answer": 0}
+    assert ipt.inplace_prompt(item) == ("Ctx.\n\nThe", [" a", " b"])
+    item["question"] = "____ runs; single-____ too."  # first blank only; none at the start
+    assert ipt.inplace_prompt(item) == ("Ctx.\n\n", ["a", "b"])
+    item["question"] = "A single-____ loop."
+    assert ipt.inplace_prompt(item) == ("Ctx.\n\nA single-", ["a", "b"])
+
+
 def test_choice_correct_by_hand():
     scores = np.array([[0.0, -1.0, -2.0, -3.0], [-5.0, -1.0, -2.0, -0.5], [1, 1, 1, 1.0]])
     assert ipt.choice_correct(scores, [0, 3, 2]).tolist() == [1.0, 1.0, 0.0]
@@ -160,8 +170,8 @@ def _items():
              "options": ["zebra", "quantum", "lattice", "array"], "answer": 3}]
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_a_scorer_preferring_the_right_option_gets_every_item(smol_tokenizer, chat):
+@pytest.mark.parametrize("fmt", sorted(ipt.FORMATS))
+def test_a_scorer_preferring_the_right_option_gets_every_item(smol_tokenizer, fmt):
     def ids(words):
         return {t for w in words for form in (w, " " + w)
                 for t in smol_tokenizer(form, add_special_tokens=False)["input_ids"]}
@@ -170,7 +180,7 @@ def test_a_scorer_preferring_the_right_option_gets_every_item(smol_tokenizer, ch
     assert not right & wrong
     for favored, want in ((right, [1.0, 1.0]), (wrong, [0.0, 0.0])):
         model = FavorTokens(len(smol_tokenizer), favored)
-        got = ipt.score_choice(model, smol_tokenizer, _items(), chat=chat)
+        got = ipt.score_choice(model, smol_tokenizer, _items(), fmt)
         assert got["correct"] == want
         assert np.asarray(got["option_sums"]).shape == (2, 4)
 
