@@ -487,10 +487,12 @@ def items_digest(items: list[dict[str, Any]]) -> str:
 
 def evaluate_arm(folder: Path, tokenizer: Any, heldout: list[str], items: list[dict], s: dict,
                  formats: tuple[str, ...], seed: int) -> dict[str, Any]:
-    """(a) and (b) in each of `formats` for the model in `folder`, cached per folder."""
+    """(a) and (b) in each of `formats` for the model in `folder`, cached per folder (a
+    retrained model, other items or sizes are scored afresh)."""
     from exnihilo.models import load_model
 
-    key = {"model": str(folder), "heldout": len(heldout), "eval_len": s["eval_len"],
+    run = hashlib.sha256((folder / "exnihilo_run.json").read_bytes()).hexdigest()[:16]
+    key = {"model": str(folder), "run": run, "heldout": len(heldout), "eval_len": s["eval_len"],
            "items": items_digest(items), "formats": list(formats)}
 
     def compute() -> dict[str, Any]:
