@@ -172,3 +172,70 @@ def save_results(out: Path, name: str, rows: Sequence[dict[str, Any]], settings:
     (out / "results.md").write_text(f"# {name}\n\n{table}\n\nsettings: "
                                     f"`{json.dumps(settings)}`\n")
     print(table)
+
+
+# ------------------------------------------------------------------- accuracy measures
+
+def bootstrap_mean(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of a mean (e.g. accuracy over items), resampling items."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n, len(values)))
+    means = values[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_mean_difference(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0
+                           ) -> tuple[float, float, float]:
+    """mean(a) − mean(b) and its 95% paired bootstrap interval (same items resampled)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n, len(a)))
+    d = a[idx].mean(1) - b[idx].mean(1)
+    return (float(a.mean() - b.mean()), float(np.percentile(d, 2.5)),
+            float(np.percentile(d, 97.5)))
+
+
+def accuracy_row(name: str, correct: np.ndarray, baseline: np.ndarray | None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy over items (`correct` is 0/1 per item) with its 95% bootstrap interval and,
+    given the baseline arm's `correct` on the same items, the paired difference."""
+    correct = np.asarray(correct, dtype=float)
+    lo, hi = bootstrap_mean(correct)
+    row: dict[str, Any] = {"arm": name, "accuracy": float(correct.mean()), "ci95": [lo, hi],
+                           "items": int(len(correct))}
+    if baseline is not None:
+        d, dlo, dhi = paired_mean_difference(correct, np.asarray(baseline, dtype=float))
+        row["minus_baseline"] = d
+        row["minus_baseline_ci95"] = [dlo, dhi]
+    row.update(extra or {})
+    return row
+
+
+def accuracy_table(rows: Sequence[dict[str, Any]], baseline_name: str) -> str:
+    lines = [f"| arm | accuracy % (95% CI) | Δ vs {baseline_name}, points (95% paired CI) | "
+             f"per-token acc % | items |", "|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['accuracy']:.1f} ({100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f})"
+        delta = "–" if "minus_baseline" not in r else (
+            f"{100 * r['minus_baseline']:+.1f} ({100 * r['minus_baseline_ci95'][0]:+.1f} to "
+            f"{100 * r['minus_baseline_ci95'][1]:+.1f})")
+        norm = (f"{100 * r['accuracy_per_token']:.1f}"
+                if r.get("accuracy_per_token") is not None else "–")
+        lines.append(f"| {r['arm']} | {acc} | {delta} | {norm} | {r['items']} |")
+    return "\n".join(lines)
+
+
+def save_sections(out: Path, name: str, sections: Sequence[tuple[str, str, list[dict]]],
+                  settings: dict) -> None:
+    """results.json ({section key: rows}) and results.md (one titled table per section),
+    each written atomically. `sections`: (key, "title\\n\\ntable", rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"experiment": name, "settings": settings}
+    data.update({key: list(rows) for key, _, rows in sections})
+    body = "\n\n".join(text for _, text, _ in sections)
+    for target, text in ((out / "results.json", json.dumps(data, indent=2)),
+                         (out / "results.md", f"# {name}\n\n{body}\n\nsettings: "
+                                              f"`{json.dumps(settings)}`\n")):
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    print(body)
