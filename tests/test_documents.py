@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -101,6 +103,14 @@ def test_pydoc_reads_the_installed_json_module():
     assert positions == sorted(positions)
     assert "json.JSONEncoder.encode(self, o)" in doc.text  # methods with their own docs
     assert module_text("json") == doc.text  # deterministic
+    # ... across processes too: json.JSONDecoder.decode's default `_w=<built-in method match
+    # of re.Pattern object at 0x…>` would otherwise give its chunks new ids in every run.
+    assert "JSONDecoder.decode(self, s, _w=<built-in method match of re.Pattern object>)" \
+        in doc.text
+    other = subprocess.run([sys.executable, "-c", "import sys; from exnihilo.synth.ingest "
+                            "import module_text; sys.stdout.write(module_text('json'))"],
+                           capture_output=True, text=True, check=True)
+    assert other.stdout == doc.text
     with pytest.raises(ExnihiloError, match="no_such_module_xyz"):
         pydoc_documents(["no_such_module_xyz"])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,12 @@ def read_paths(paths: Iterable[str | Path], text_field: str = "text",
 
 # ----------------------------------------------------------------------------- pydoc
 
+# A default value's repr can hold its memory address (`<built-in method match of re.Pattern
+# object at 0x7f0b390186c0>`), which differs in every process: left in, the same module's
+# chunks get new content ids in each run, so a resumed `synth documents --pydoc` redoes them.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
 def _signature(obj: Any) -> str:
     try:
         return str(inspect.signature(obj))
@@ -194,7 +201,7 @@ def module_text(module_name: str) -> str:
             sections.extend(_class_sections(qualname, obj))
         elif inspect.isroutine(obj):
             sections.append(_section(f"{qualname}{_signature(obj)}", inspect.getdoc(obj)))
-    return "\n\n".join(s for s in sections if s)
+    return _ADDRESS.sub(">", "\n\n".join(s for s in sections if s))
 
 
 def pydoc_documents(modules: Iterable[str], report: IngestReport | None = None) -> IngestReport:
