@@ -37,6 +37,14 @@ Measured 2026-12-01, --llamacpp-only (1 thread each, load 1.8 -> 3.2; --tokens 3
   greedy identical  Q8_0 vs Q4_1 6 %, Q4_1 llama.cpp vs fp32 engine 31 % (same weights)
 llama.cpp here is built for x86-64-v3 (scripts/test-deps/llama-server.sh): no AVX-512, which
 this CPU has and torch uses.
+
+Measured 2026-12-01, --decode-only (2 threads, idle machine, load 0.3 -> 2.0; --tokens 64,
+naive on 2 prompts; each arm alternating with the naive loop):
+  --decode-only 32 64 128 --repeats 3:  naive 16.8 tok/s; batch 32 120.9 (7.2x), 64 203.4
+                                         (12.1x), 128 241.7 (14.4x); GEMM 212.6 GFLOP/s,
+                                         share 15.3 / 25.7 / 30.6 %
+  --decode-only 128 256 --repeats 2:    naive 16.75; batch 128 261.4 (15.6x), 256 255.8
+                                         (15.3x); GEMM 158.9 GFLOP/s, share 44.3 / 43.3 %
 """
 
 from __future__ import annotations
@@ -249,6 +257,9 @@ def main() -> None:
                         help="add the in-process llama.cpp engine's arms")
     parser.add_argument("--llamacpp-only", action="store_true",
                         help="llama.cpp arms against the naive loop and the fp32 engine only")
+    parser.add_argument("--decode-only", type=int, nargs="+", default=None, metavar="BATCH",
+                        help="only decode tok/s: the fp32 engine at these batch sizes against "
+                             "the naive loop, with each one's share of the GEMM rate")
     parser.add_argument("--engine-pairs", type=int, default=0,
                         help="--llamacpp-only: Magpie pairs for the fp32 engine (0: skip)")
     args = parser.parse_args()
@@ -261,6 +272,9 @@ def main() -> None:
     load_before = os.getloadavg()
 
     engine = TransformersEngine(DEFAULT_MODEL, dtype="float32", batch_size=args.batch_size)
+    if args.decode_only:
+        print(json.dumps(decode_only_report(args, engine, load_before), indent=2))
+        return
     plain = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer,
                                batch_size=args.batch_size, refill=False)
     grouped = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model,
@@ -317,6 +331,36 @@ def main() -> None:
         "engine_fraction_of_gemm_peak": round(
             2 * params_count * decode_summary["median"]["engine_fp32"] / flops, 4),
     }, indent=2))
+
+
+def decode_only_report(args, engine, load_before) -> dict:
+    """--decode-only B1 B2 …: decode tok/s of the fp32 engine at each batch size (sharing one
+    model) against the naive batch-1 loop, alternating, and each arm's share of the GEMM rate
+    measured in the same process."""
+    naive = NaiveEngine(engine)
+    arms = {f"engine_fp32_batch{b}": TransformersEngine(
+        DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer, batch_size=b)
+        for b in args.decode_only}
+    pre_query = template_info(engine.tokenizer).pre_query
+    arms["naive_batch1"] = naive
+
+    def run(e) -> float:
+        rows = args.naive_prompts if e is naive else e.batch_size
+        return decode_tps(e, [pre_query] * rows, args.tokens)[0]
+
+    flops = gemm_flops()
+    summary = summarise(timed_arms(arms, run, args.repeats), "naive_batch1")
+    params_count = sum(p.numel() for p in engine.model.parameters())
+    return {
+        "model": DEFAULT_MODEL, "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "cpu_native_bf16": cpu_bf16(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "decode_tokens_per_s": dict(summary, new_tokens_per_row=args.tokens),
+        "gemm_fp32_gflops": round(flops / 1e9, 1),
+        "fraction_of_gemm_peak": {k: round(2 * params_count * v / flops, 4)
+                                  for k, v in summary["median"].items()},
+    }
 
 
 def llamacpp_report(args, engine, naive, lcpp: dict, decode: dict, convs, flops: float,
