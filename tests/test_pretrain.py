@@ -382,5 +382,6 @@ def test_corpora_read_parquet_and_the_hub_cache(tmp_path, monkeypatch, smol_toke
                for src in (folder, "hf:org/corpus", jsonl)]
     assert streams[0] == streams[1] == streams[2]
     pq.write_table(pa.Table.from_pylist([{"content": "no text column"}]), folder / "c.parquet")
-    with pytest.raises(ExnihiloError, match=r'c\.parquet:row 1: expected a string "text"'):
+    with pytest.raises(ExnihiloError, match=r'c\.parquet:row 1: expected an object with a '
+                                            r'string "text"'):
         list(iter_documents(folder))

@@ -83,9 +83,7 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     have a string "text"; a .txt/.md file is one document."""
     for file in data_files(path):
         suffix = file.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            yield from _jsonl_texts(file)
-        elif suffix in ROW_SUFFIXES or suffix == ".json":  # .json: an hf: split file
+        if suffix in JSONL_SUFFIXES | ROW_SUFFIXES or suffix == ".json":  # .json: hf: splits
             yield from _row_texts(file)
         else:
             text = file.read_text(encoding="utf-8", errors="replace")
@@ -94,32 +92,16 @@ def iter_documents(path: str | Path) -> Iterator[str]:
 
 
 def _row_texts(file: Path) -> Iterator[str]:
+    """The "text" of every row of a JSONL/JSON/parquet file (errors name the file and line)."""
     from exnihilo.records import iter_source_rows
 
     for where, obj in iter_source_rows(file):
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            raise ExnihiloError(f'{where}: expected a string "text" field (a pretraining '
-                                f'corpus row)')
+            raise ExnihiloError(f'{where}: expected an object with a string "text" field (a '
+                                f'pretraining corpus row)')
         if text.strip():
             yield text
-
-
-def _jsonl_texts(file: Path) -> Iterator[str]:
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ExnihiloError(f"{file}:{n}: not valid JSON ({e.msg})") from None
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise ExnihiloError(f'{file}:{n}: expected an object with a string "text" '
-                                    f'field (a pretraining corpus line)')
-            if text.strip():
-                yield text
 
 
 # ------------------------------------------------------------------------------- streams
