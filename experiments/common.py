@@ -176,36 +176,21 @@ def save_results(out: Path, name: str, rows: Sequence[dict[str, Any]], settings:
 
 # ------------------------------------------------------------------- accuracy measures
 
-def bootstrap_mean(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of a mean (e.g. accuracy over items), resampling items."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n, len(values)))
-    means = values[idx].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def paired_mean_difference(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0
-                           ) -> tuple[float, float, float]:
-    """mean(a) − mean(b) and its 95% paired bootstrap interval (same items resampled)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n, len(a)))
-    d = a[idx].mean(1) - b[idx].mean(1)
-    return (float(a.mean() - b.mean()), float(np.percentile(d, 2.5)),
-            float(np.percentile(d, 97.5)))
-
-
 def accuracy_row(name: str, correct: np.ndarray, baseline: np.ndarray | None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Accuracy over items (`correct` is 0/1 per item) with its 95% bootstrap interval and,
     given the baseline arm's `correct` on the same items, the paired difference."""
+    from exnihilo.evaluate.stats import bootstrap_interval
+
     correct = np.asarray(correct, dtype=float)
-    lo, hi = bootstrap_mean(correct)
+    lo, hi = bootstrap_interval(correct)
     row: dict[str, Any] = {"arm": name, "accuracy": float(correct.mean()), "ci95": [lo, hi],
                            "items": int(len(correct))}
     if baseline is not None:
-        d, dlo, dhi = paired_mean_difference(correct, np.asarray(baseline, dtype=float))
-        row["minus_baseline"] = d
-        row["minus_baseline_ci95"] = [dlo, dhi]
+        # Paired: resampling items is resampling the per-item differences.
+        diff = correct - np.asarray(baseline, dtype=float)
+        row["minus_baseline"] = float(diff.mean())
+        row["minus_baseline_ci95"] = list(bootstrap_interval(diff))
     row.update(extra or {})
     return row
 

@@ -30,8 +30,9 @@ def auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
 def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
                        level: float = 0.95) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean: resample `values` with replacement
-    `n_boot` times (seeded), take the (1-level)/2 and (1+level)/2 quantiles of the means."""
-    if not values:
+    `n_boot` times (seeded), take the (1-level)/2 and (1+level)/2 quantiles of the means.
+    `values` may be a list or a numpy array."""
+    if len(values) == 0:
         return None, None
     data = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
