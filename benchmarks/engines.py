@@ -111,11 +111,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=1,
                         help="llama.cpp server threads (2 spin-wait badly on a busy 2-core box)")
-    parser.add_argument("--batch-size", type=int, default=16, help="transformers batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="transformers rows decoded together (default: the engine's "
+                             "automatic width)")
+    parser.add_argument("--round-size", type=int, default=128,
+                        help="Magpie candidates per round for the transformers arm (the "
+                             "command's default)")
+    parser.add_argument("--server-round-size", type=int, default=16,
+                        help="Magpie candidates per round for the server (raised to the "
+                             "concurrency where that is higher)")
     parser.add_argument("--llamacpp-batch-size", type=int, default=32,
                         help="llamacpp engine: sequences decoded together (Magpie's round)")
     parser.add_argument("--skip-transformers", action="store_true",
-                        help="leave out the (slowest) transformers arm")
+                        help="leave out the transformers arm")
+    parser.add_argument("--skip-llamacpp", action="store_true",
+                        help="leave out the in-process llamacpp arms")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads for the local engine (1 = same core budget as "
                              "the one-thread server)")
@@ -139,7 +149,8 @@ def main() -> None:
     gguf = embedded_gguf_path(EMBEDDED[name])
     tokenizer = load_tokenizer(name)
     config = MagpieConfig(
-        n=args.n, turns=1, seed=0, round_size=args.batch_size, system=args.system or None,
+        n=args.n, turns=1, seed=0, round_size=args.server_round_size,
+        system=args.system or None,
         instruction=SamplingParams(temperature=0.7, top_p=1.0,
                                    max_new_tokens=args.instruction_max_tokens),
         response=SamplingParams(temperature=0.7, top_p=0.9,
@@ -177,7 +188,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         cfg = config.model_copy(update={"round_size": args.llamacpp_batch_size})
-        for label, weights in ((DEFAULT_WEIGHTS, DEFAULT_WEIGHTS), ("q4_1", None)):
+        arms = [] if args.skip_llamacpp else [(DEFAULT_WEIGHTS, DEFAULT_WEIGHTS), ("q4_1", None)]
+        for label, weights in arms:
             engine = LlamaCppEngine(name, batch_size=args.llamacpp_batch_size,
                                     threads=args.threads, tokenizer=tokenizer, weights=weights)
             engine.complete(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=4))
@@ -188,16 +200,20 @@ def main() -> None:
         if not args.skip_transformers:
             torch.set_num_threads(args.torch_threads)
             local = TransformersEngine(name, batch_size=args.batch_size)
+            local_config = config.model_copy(update={"round_size": args.round_size})
             result["transformers"] = dict(
-                run_magpie(local, tokenizer, config, folder, "transformers"),
-                batch_size=args.batch_size, dtype="float32",
-                torch_threads=torch.get_num_threads())
+                run_magpie(local, tokenizer, local_config, folder, "transformers"),
+                batch_size=args.batch_size or "auto", round_size=args.round_size,
+                dtype="float32", torch_threads=torch.get_num_threads())
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     best = max(result["openai"], key=lambda k: result["openai"][k]["pairs_per_minute"])
     server = result["openai"][best]["pairs_per_minute"] or 1e-9
     result["server_best"] = best
     result["ratio_llamacpp_vs_server_best"] = {
         k: round(v["pairs_per_minute"] / server, 2) for k, v in result["llamacpp"].items()}
+    if "transformers" in result:
+        result["ratio_transformers_vs_server_best"] = round(
+            result["transformers"]["pairs_per_minute"] / server, 2)
     if "transformers" in result:
         base = result["transformers"]["pairs_per_minute"] or 1e-9
         result["ratio_pairs_per_minute_vs_transformers"] = dict(

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from exnihilo.engines.base import SamplingParams
-from exnihilo.engines.transformers import TransformersEngine, filter_logits, sample_next
+from exnihilo.engines.transformers import (
+    TransformersEngine,
+    filter_logits,
+    nucleus,
+    sample_next,
+)
 
 PROMPTS = ["<|im_start|>user\nHello there, how are", "Short", "A much longer prompt, with many "
            "more tokens in it than the others have, so that left padding matters a lot here"]
@@ -85,13 +90,56 @@ def test_filter_logits_values():
     assert kept.tolist() == [[True, False, False, False]]
 
 
-def test_gumbel_sampling_follows_the_distribution():
+def sorted_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The textbook nucleus as a mask: sort everything, keep while the mass before a token
+    is < top_p."""
+    values, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(values, dim=-1)
+    keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def test_nucleus_from_the_head_matches_a_full_sort():
+    """Peaked rows are settled within the head; flat rows (head mass < top_p) fall back to a
+    full sort; both must keep exactly the textbook nucleus."""
+    torch.manual_seed(0)
+    peaked = torch.randn(6, 1000) * 4
+    flat = torch.randn(4, 1000) * 0.1
+    logits = torch.cat([peaked, flat])
+    for top_p in (0.5, 0.9, 0.99):
+        want = sorted_nucleus(logits, top_p)
+        got = nucleus(logits, top_p, head=16)
+        assert torch.equal(torch.isfinite(got), want)
+        assert torch.equal(got[want], logits[want])
+    assert torch.isfinite(nucleus(flat, 0.9, head=16)).sum(-1).min() > 16  # fell back
+
+
+def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = torch.log(probs).expand(4000, 3).contiguous()
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
     picks = sample_next(logits, SamplingParams(temperature=1.0), gens)
     freq = torch.bincount(picks, minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_sampling_picks_the_token_whose_cdf_passes_the_row_draw():
+    """Inverse-CDF sampling, checked against a hand computation of each row's draw; tokens
+    cut by top-k are never picked, even where the draw falls at the edge of their range."""
+    probs = torch.tensor([0.1, 0.0, 0.4, 0.3, 0.2])
+    logits = torch.log(probs).expand(500, 5).contiguous()
+    picks = sample_next(logits, SamplingParams(temperature=1.0),
+                        [torch.Generator().manual_seed(i) for i in range(500)])
+    cdf = torch.cumsum(probs.double(), 0)
+    for i, pick in enumerate(picks.tolist()):
+        u = torch.rand(1, generator=torch.Generator().manual_seed(i)).double()
+        assert pick == int((cdf <= u).sum())
+    top2 = sample_next(logits, SamplingParams(temperature=1.0, top_k=2),
+                       [torch.Generator().manual_seed(i) for i in range(500)])
+    assert set(top2.tolist()) == {2, 3}
+    edge = sample_next(torch.log(torch.tensor([[0.5, 0.5, 0.0]])), SamplingParams(
+        temperature=1.0), [torch.Generator().manual_seed(0)])
+    assert edge.item() in (0, 1)
 
 
 def test_chat_uses_the_template(tiny_llama, smol_tokenizer):
@@ -114,7 +162,7 @@ def test_real_model_rows_match_alone_while_others_finish_early(real_engine):
                  "List three fruits.", "What is the capital of France?"]
     convs = [[{"role": "user", "content": q}] for q in questions]
     for params in (SamplingParams(temperature=0.0, max_new_tokens=32),
-                   SamplingParams(temperature=1.0, max_new_tokens=32, seed=5)):
+                   SamplingParams(temperature=0.7, max_new_tokens=32, seed=5)):
         together = real_engine.chat(convs, params)
         alone = [real_engine.chat([c], params, seeds=[params.seed + i])[0]
                  for i, c in enumerate(convs)]
@@ -280,6 +328,43 @@ def test_grouped_dropping_defers_cache_copies(tiny_llama, smol_tokenizer, monkey
     assert counts[0.99] == 0 < counts[0.5] < counts[0.0]
 
 
+def test_a_long_refill_run_keeps_its_cache_as_short_as_its_live_rows(tiny_llama, smol_tokenizer,
+                                                                    monkeypatch):
+    """Admitted rows are padded to the running batch's length; dropping the columns no live
+    row attends to keeps that length near one prompt plus one reply, not the whole run's
+    step count (40 prompts through 4 rows), and every row's text stays its text alone."""
+    from exnihilo.engines import kvcache
+
+    longest = {"n": 0}
+    original = kvcache.GrowingLayer.update
+
+    def tracking(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        longest["n"] = max(longest["n"], self.length)
+        return out
+
+    monkeypatch.setattr(kvcache.GrowingLayer, "update", tracking)
+    prompts = [f"Prompt number {i} " + "word " * (i % 4) for i in range(40)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=2)
+
+    def stop_by_first_token(tokens, token, stop_strings, tail_tokens):
+        """Each row stops after 2-12 tokens, set by its own first token: staggered ends
+        that depend on the row's text alone (so refill and the plain loop agree)."""
+        tokens.append(token)
+        return len(tokens) >= 2 + tokens[0] % 11
+
+    engines = {}
+    for width in (4, 1):  # 1: every row alone
+        engines[width] = make_engine(tiny_llama, smol_tokenizer, batch_size=width)
+        engines[width]._stop_ids, engines[width]._append = {-1}, stop_by_first_token
+    longest["n"] = 0
+    got = engines[4].complete(prompts, params)
+    widest = max(len(smol_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert longest["n"] <= widest + 2 * params.max_new_tokens
+    assert [c.text for c in got] == [c.text for c in engines[1].complete(prompts, params)]
+    assert len({c.completion_tokens for c in got}) > 4
+
+
 def test_row_seeds_default_to_the_params_seed_plus_the_row_and_check_the_count():
     from exnihilo.engines.base import row_seeds
 
@@ -288,3 +373,25 @@ def test_row_seeds_default_to_the_params_seed_plus_the_row_and_check_the_count()
     assert row_seeds(2, params, [42, 5]) == [42, 5]
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         row_seeds(3, params, [1, 2])
+
+
+def test_automatic_width_fits_a_quarter_of_free_memory(tiny_llama, smol_tokenizer,
+                                                        monkeypatch):
+    """kv_bytes_per_token by hand (tiny Llama: 2 layers x K and V x 2 KV heads x 16 dims x
+    4 bytes = 512 B); the automatic width is a quarter of free memory over twice a row's
+    cache, capped at 128 and at least 1; a set batch_size wins."""
+    from exnihilo.engines import transformers as local
+
+    assert local.kv_bytes_per_token(tiny_llama) == 2 * 2 * 2 * 16 * 4
+    row = 2 * 512 * 100  # 100 tokens per row, doubled for the cache's growth
+    assert local.auto_width(tiny_llama, 100, memory=4 * row * 10) == 10
+    assert local.auto_width(tiny_llama, 100, memory=4 * row * 10 - 1) == 9
+    assert local.auto_width(tiny_llama, 100, memory=1 << 40) == local.AUTO_MAX_ROWS
+    assert local.auto_width(tiny_llama, 100, memory=0) == 1
+    auto = TransformersEngine(model_obj=tiny_llama, tokenizer=smol_tokenizer)
+    monkeypatch.setattr(local, "free_memory", lambda device: 4 * 2 * 512 * 30 * 3)
+    prompts = [[5] * 10, [6] * 20]
+    params = SamplingParams(max_new_tokens=10)  # longest row: 20 + 10 = 30 tokens
+    assert auto.batch_size is None and auto.width_for(prompts, params) == 3
+    assert make_engine(tiny_llama, smol_tokenizer, batch_size=2).width_for(prompts, params) == 2
+    assert local.free_memory(torch.device("cpu")) > 0

@@ -10,6 +10,9 @@ from typing import Any
 
 from exnihilo.errors import ExnihiloError
 
+# Sequences the in-process llama.cpp engine decodes together unless told (its own default).
+LLAMACPP_ROWS = 32
+
 
 def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = None) -> None:
     """Engine options that are wrong whatever the model: checked before anything loads."""
@@ -30,13 +33,14 @@ def check_engine(engine: str, base_urls: list[str] | None, dtype: str | None = N
         check_available()  # llama-cpp-python is optional: say so before anything loads
 
 
-def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int = 32,
+def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int | None = None,
                  base_urls: list[str] | None = None, concurrency: int = 8,
                  label: str = "generating", draft_model: str | None = None,
                  device: str | None = None) -> Any:
     """A local transformers engine or an OpenAI-compatible client for `model`; with
     `draft_model`, the local engine decodes speculatively (`engines.speculative`). `device`
-    (local only; None: the process default, `exnihilo.devices`)."""
+    (local only; None: the process default, `exnihilo.devices`). `batch_size` None: the
+    local engine picks its width per call from free memory; llama.cpp takes 32 slots."""
     from exnihilo.engines import make_engine
 
     check_engine(engine, base_urls)
@@ -57,13 +61,14 @@ def build_engine(engine: str, model: str, dtype: str = "auto", batch_size: int =
     if engine == "llamacpp":  # in-process llama.cpp; --dtype picks the GGUF weights' type
         from exnihilo.engines.llamacpp import DEFAULT_WEIGHTS, DTYPE_WEIGHTS
 
-        return make_engine("llamacpp", model, batch_size=batch_size, progress_label=label,
+        return make_engine("llamacpp", model, batch_size=batch_size or LLAMACPP_ROWS,
+                           progress_label=label,
                            weights=DTYPE_WEIGHTS.get(dtype, DEFAULT_WEIGHTS))
     return make_engine(engine, model, progress_label=label)  # a registered plugin
 
 
 def load_engine(engine: str, model: str, template_from: str | None = None, *,
-                dtype: str = "auto", batch_size: int = 32,
+                dtype: str = "auto", batch_size: int | None = None,
                 base_urls: list[str] | None = None, concurrency: int = 8,
                 label: str = "generating", device: str | None = None) -> tuple[Any, Any]:
     """(engine, tokenizer) for a command. A remote engine has no tokenizer of its own:

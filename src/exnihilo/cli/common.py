@@ -155,6 +155,13 @@ def dtype_option() -> Any:
                                                 "float32), float32 or bfloat16 (local).")
 
 
+def decode_rows_option() -> Any:
+    return typer.Option(None, "--batch-size", min=1,
+                        help="Rows decoded together (local engine). Default: as many as a "
+                             "quarter of the free memory holds for the KV cache, up to 128; "
+                             "llama.cpp: 32.")
+
+
 def report_to_option() -> Any:
     return typer.Option(
         [], "--report-to", metavar="TRACKER",

@@ -18,6 +18,7 @@ from exnihilo.cli.common import (
     build_engine,
     concurrency_option,
     console,
+    decode_rows_option,
     dtype_option,
     emit,
     engine_option,
@@ -52,7 +53,7 @@ def ifeval_command(
     engine: str = engine_option(),
     base_url: list[str] = base_url_option(),
     concurrency: int = concurrency_option(),
-    batch_size: int = typer.Option(16, "--batch-size", help="Rows decoded together (local)."),
+    batch_size: int | None = decode_rows_option(),
     dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", min=1,
                                 help="Torch CPU threads for local generation (default: "
@@ -136,7 +137,7 @@ def ifeval_command(
 
 
 def _generate(inputs: list[Any], model: str, engine: str, base_url: list[str],
-              concurrency: int, batch_size: int, dtype: str, threads: int | None,
+              concurrency: int, batch_size: int | None, dtype: str, threads: int | None,
               max_new_tokens: int, responses_out: Path | None) -> list[str]:
     from exnihilo.evaluate import resolve_style
     from exnihilo.ifeval.run import answer_prompts

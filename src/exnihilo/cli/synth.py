@@ -38,7 +38,10 @@ def magpie_command(
                                         "pre-query (compare: with it SmolLM2 writes far more "
                                         "finished instructions)."),
     seed: int = typer.Option(0, "--seed", help="Base seed; record i uses a seed derived from it."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Rows decoded together (local)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1,
+        help="Candidates per round and rows decoded together (local). Default: 128 per "
+             "round, decoded as wide as a quarter of the free memory holds."),
     dtype: str = dtype_option(),
     instruction_max_tokens: int = typer.Option(128, "--instruction-max-tokens"),
     response_max_tokens: int = typer.Option(384, "--response-max-tokens"),

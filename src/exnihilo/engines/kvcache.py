@@ -10,6 +10,9 @@ buffer doubles when full (amortized O(1) per token).
 `merge_rows` joins two caches of different lengths along the batch: the shorter one is
 padded on the left (those positions are masked out by the attention mask the engine keeps,
 and position ids are tracked per row), which is how left-padded prompts already work.
+Joining rows pads them to the running batch's length, so without `drop_front` a batch that
+keeps admitting prompts would grow its cache with every step of the whole run; the engine
+drops the leading columns no live row attends to whenever it removes finished rows.
 
 Only models whose every layer is a plain full-attention `DynamicLayer` use this; sliding-
 window layers (Gemma 2's local layers) keep transformers' own cache and the plain loop.
@@ -65,6 +68,15 @@ class GrowingLayer(DynamicLayer):
         if self.is_initialized:
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
+
+    def drop_front(self, count: int) -> None:
+        """Forget the first `count` positions of every row (columns no live row attends to).
+        A view: the next copy (row selection, growth) leaves the dropped part behind."""
+        if count <= 0 or not self.is_initialized:
+            return
+        self._k, self._v = self._k[..., count:, :], self._v[..., count:, :]
+        self.length -= count
+        self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
 
     def left_pad(self, pad: int) -> None:
         """Prepend `pad` (masked) positions to every row."""

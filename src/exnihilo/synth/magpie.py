@@ -34,7 +34,7 @@ class MagpieConfig(BaseModel):
     system: str | None = None
     use_default_system: bool = True
     seed: int = 0
-    round_size: int = Field(32, ge=1, description="candidates generated together")
+    round_size: int = Field(128, ge=1, description="candidates generated together")
     min_words: int = Field(3, ge=1)
     max_candidates_factor: int = Field(20, description="give up after n × this candidates")
     instruction: SamplingParams = SamplingParams(temperature=1.0, top_p=1.0,
@@ -304,7 +304,7 @@ class MagpieJob(BaseModel):
     system: str | None = None
     no_system: bool = False
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int | None = None  # None: rounds of 128 candidates, the engine's own width
     dtype: str = "auto"
     instruction_max_tokens: int = 128
     response_max_tokens: int = 384
@@ -328,12 +328,13 @@ def validate_magpie_job(job: MagpieJob) -> MagpieConfig:
     for name, value in (("--instruction-max-tokens", job.instruction_max_tokens),
                         ("--response-max-tokens", job.response_max_tokens),
                         ("--batch-size", job.batch_size), ("--concurrency", job.concurrency)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ExnihiloError(f"{name} must be at least 1, got {value}")
     try:
         config = MagpieConfig(
             n=job.n, turns=job.turns, system=job.system, use_default_system=not job.no_system,
-            seed=job.seed, round_size=job.batch_size,
+            seed=job.seed,
+            round_size=job.batch_size or MagpieConfig.model_fields["round_size"].default,
             instruction=SamplingParams(temperature=job.instruction_temperature, top_p=1.0,
                                        max_new_tokens=job.instruction_max_tokens),
             response=SamplingParams(temperature=job.response_temperature,
