@@ -33,6 +33,15 @@ Measured 2026-11-30 (`--sizes 2000 --exact-max 2000 --real 2000 --bf16-texts 300
   (20 records): 20 embedded, 1.1 s. 100k, extrapolated from the 2k run (not measured):
   ~54 min of embedding on 1 loaded thread + 157-210 s HNSW (measured earlier) on a first
   run; a re-run after adding 1% embeds 1k records (~30 s) + the search.
+
+Measured 2026-12-01, 100k records for real (`--sizes 100000 --exact-max 0 --real 100000
+--bf16-texts 200 --repeats 1 --threads 2`, idle machine, load 1.0 -> 2.0):
+  real dedup of 100,000 Magpie-length records end to end (embedding, HNSW search, greedy
+  removal; 7,259 near-duplicates removed): 406.5 s = 6.8 min, under the 10-minute target;
+  re-run after adding 1,000 records: 1,000 embedded, 18.2 s. Embedding 223-246 texts/s;
+  bf16 0.30x fp32 and pairwise drift 0.0076 (still rejected). Synthetic 100k HNSW dedup
+  17.2 s, 4,987 of 5,000 planted pairs collapsed. The 54-minute figure above was the loaded
+  machine's extrapolation; this run measured the whole thing.
 """
 
 from __future__ import annotations

@@ -258,8 +258,9 @@ def main() -> None:
     parser.add_argument("--llamacpp-only", action="store_true",
                         help="llama.cpp arms against the naive loop and the fp32 engine only")
     parser.add_argument("--decode-only", type=int, nargs="+", default=None, metavar="BATCH",
-                        help="only decode tok/s: the fp32 engine at these batch sizes against "
-                             "the naive loop, with each one's share of the GEMM rate")
+                        help="only decode tok/s: the fp32 engine at these batch sizes (0: its "
+                             "automatic width, the default) against the naive loop, with each "
+                             "one's share of the GEMM rate")
     parser.add_argument("--engine-pairs", type=int, default=0,
                         help="--llamacpp-only: Magpie pairs for the fp32 engine (0: skip)")
     args = parser.parse_args()
@@ -337,23 +338,30 @@ def decode_only_report(args, engine, load_before) -> dict:
     """--decode-only B1 B2 …: decode tok/s of the fp32 engine at each batch size (sharing one
     model) against the naive batch-1 loop, alternating, and each arm's share of the GEMM rate
     measured in the same process."""
+    from exnihilo.engines.transformers import AUTO_MAX_ROWS
+
     naive = NaiveEngine(engine)
-    arms = {f"engine_fp32_batch{b}": TransformersEngine(
-        DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer, batch_size=b)
+    arms = {(f"engine_fp32_batch{b}" if b else "engine_fp32_auto"): TransformersEngine(
+        DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer, batch_size=b or None)
         for b in args.decode_only}
     pre_query = template_info(engine.tokenizer).pre_query
     arms["naive_batch1"] = naive
 
     def run(e) -> float:
-        rows = args.naive_prompts if e is naive else e.batch_size
+        # The automatic width gets as many prompts as it could take; it picks its own width.
+        rows = args.naive_prompts if e is naive else e.batch_size or AUTO_MAX_ROWS
         return decode_tps(e, [pre_query] * rows, args.tokens)[0]
 
     flops = gemm_flops()
     summary = summarise(timed_arms(arms, run, args.repeats), "naive_batch1")
     params_count = sum(p.numel() for p in engine.model.parameters())
+    prompt_ids = engine.tokenizer([pre_query], add_special_tokens=False)["input_ids"]
+    auto = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer)
     return {
         "model": DEFAULT_MODEL, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "cpu_native_bf16": cpu_bf16(),
+        "automatic_width": auto.width_for(prompt_ids * AUTO_MAX_ROWS, SamplingParams(
+            max_new_tokens=args.tokens)),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "decode_tokens_per_s": dict(summary, new_tokens_per_row=args.tokens),

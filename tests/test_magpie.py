@@ -189,3 +189,15 @@ def test_kill_9_mid_run_then_resume_with_the_real_model(tmp_path):
     for r in records:
         assert r["messages"][0]["role"] == "user" and r["messages"][0]["content"].strip()
         assert r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"].strip()
+
+
+def test_round_candidates_follow_the_keep_rate_seen_so_far():
+    from exnihilo.synth.magpie import MIN_ROUND, round_candidates
+
+    assert round_candidates(64, 128, kept=0, tried=0) == 128  # 2 per record, capped
+    assert round_candidates(20, 128, kept=0, tried=0) == 42
+    assert round_candidates(26, 128, kept=38, tried=128) == 128  # 1.5 * 26 / 0.297 = 131.4
+    assert round_candidates(10, 128, kept=40, tried=100) == 38  # 1.5 * 10 / 0.4 = 37.5
+    assert round_candidates(2, 128, kept=62, tried=192) == MIN_ROUND  # 9.3: the floor
+    assert round_candidates(2, 8, kept=62, tried=192) == 8  # never above round_size
+    assert round_candidates(5, 128, kept=0, tried=50) == 128  # nothing kept: rate floor 0.05

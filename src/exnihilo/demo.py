@@ -56,7 +56,7 @@ class DemoResult:
 
 def demo_magpie_config(n: int, seed: int = 0) -> MagpieConfig:
     return MagpieConfig(
-        n=n, seed=seed, round_size=32,
+        n=n, seed=seed,
         instruction=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=96),
         response=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=256))
 
@@ -189,7 +189,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    base = TransformersEngine(DEFAULT_MODEL, batch_size=32, progress_label="magpie")
+    base = TransformersEngine(DEFAULT_MODEL, progress_label="magpie")
     magpie = run_magpie_stage(workdir, config.n, base, config.seed)
     seconds["magpie"] = time.perf_counter() - start
 
@@ -206,7 +206,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     ifeval_inputs = read_inputs(ifeval_path, limit=config.ifeval_limit)
     rows = [evaluate_model("base", base, base, records, workdir, config.max_new_tokens,
                            ifeval_inputs, config.ifeval_max_new_tokens)]
-    tuned = TransformersEngine(sft["out"], batch_size=32, progress_label="tuned: answers")
+    tuned = TransformersEngine(sft["out"], progress_label="tuned: answers")
     rows.append(evaluate_model("tuned", tuned, base, records, workdir, config.max_new_tokens,
                                ifeval_inputs, config.ifeval_max_new_tokens))
     differences = paired_differences(rows[0], rows[1])

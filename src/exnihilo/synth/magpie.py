@@ -12,6 +12,7 @@ stopped and the final file holds exactly `n` unique records.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from pathlib import Path
@@ -100,6 +101,20 @@ def _leak_markers(tokenizer: Any, info: TemplateInfo) -> list[str]:
 
 def _seeded(params: SamplingParams, stop: list[str]) -> SamplingParams:
     return params.model_copy(update={"stop": sorted(set(params.stop) | set(stop))})
+
+
+# The narrowest round worth running: below ~16 rows a decode step costs about the same.
+MIN_ROUND = 16
+
+
+def round_candidates(want: int, round_size: int, kept: int, tried: int) -> int:
+    """Candidates for the next round: enough for `want` more records at the keep rate this
+    run has seen (with a 1.5x margin; before any round, 2 per record), at least `MIN_ROUND`,
+    at most `round_size`. Over half of a 135M model's candidates can be discarded, so a
+    round oversamples; but a round sized by `round_size` alone spent a quarter of a 64-pair
+    run on 64 candidates for its last 2 records (benchmarks/engines.py, 2026-12-01)."""
+    wanted = 2 * want + 2 if tried == 0 else math.ceil(1.5 * want / max(kept / tried, 0.05))
+    return min(round_size, max(wanted, MIN_ROUND))
 
 
 def generate_round(engine: Engine, tokenizer: Any, info: TemplateInfo, config: MagpieConfig,
@@ -222,11 +237,8 @@ def _fill(engine: Engine, tokenizer: Any, info: TemplateInfo, config: MagpieConf
     examples: list[Record] = []
     try:
         while len(ids) < config.n:
-            want = config.n - len(ids)
-            # Oversample: over half of a 135M model's candidates can be discarded, and a
-            # batched round costs little more wall time than a tiny one, so the last few
-            # records are fetched in one wide round rather than several narrow ones.
-            size = min(config.round_size, max(2 * want + 2, config.round_size // 2))
+            size = round_candidates(config.n - len(ids), config.round_size, written,
+                                    candidates)
             batch: list[int] = []
             while len(batch) < size:
                 if next_index not in attempted:
