@@ -122,6 +122,10 @@ def main() -> None:
                              "concurrency where that is higher)")
     parser.add_argument("--llamacpp-batch-size", type=int, default=32,
                         help="llamacpp engine: sequences decoded together (Magpie's round)")
+    parser.add_argument("--dtypes", nargs="+", default=["auto"],
+                        choices=["auto", "float32", "bfloat16"],
+                        help="transformers arms by --dtype (auto: sampling in bf16 on a CPU "
+                             "with native bf16, else float32)")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="leave out the transformers arm")
     parser.add_argument("--skip-llamacpp", action="store_true",
@@ -199,21 +203,27 @@ def main() -> None:
             engine.close()
         if not args.skip_transformers:
             torch.set_num_threads(args.torch_threads)
-            local = TransformersEngine(name, batch_size=args.batch_size)
             local_config = config.model_copy(update={"round_size": args.round_size})
-            result["transformers"] = dict(
-                run_magpie(local, tokenizer, local_config, folder, "transformers"),
-                batch_size=args.batch_size or "auto", round_size=args.round_size,
-                dtype="float32", torch_threads=torch.get_num_threads())
+            for dtype in args.dtypes:
+                local = TransformersEngine(name, dtype=dtype, batch_size=args.batch_size)
+                key = "transformers" if dtype == args.dtypes[0] else f"transformers_{dtype}"
+                sampling = SamplingParams(temperature=1.0)
+                result[key] = dict(
+                    run_magpie(local, tokenizer, local_config, folder, key),
+                    batch_size=args.batch_size or "auto", round_size=args.round_size,
+                    dtype=dtype, sampled_in=str(next(local.decoder_for(sampling).parameters())
+                                                .dtype).removeprefix("torch."),
+                    torch_threads=torch.get_num_threads())
+                del local
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     best = max(result["openai"], key=lambda k: result["openai"][k]["pairs_per_minute"])
     server = result["openai"][best]["pairs_per_minute"] or 1e-9
     result["server_best"] = best
     result["ratio_llamacpp_vs_server_best"] = {
         k: round(v["pairs_per_minute"] / server, 2) for k, v in result["llamacpp"].items()}
-    if "transformers" in result:
-        result["ratio_transformers_vs_server_best"] = round(
-            result["transformers"]["pairs_per_minute"] / server, 2)
+    for key in [k for k in result if k.startswith("transformers")]:
+        result[f"ratio_{key}_vs_server_best"] = round(
+            result[key]["pairs_per_minute"] / server, 2)
     if "transformers" in result:
         base = result["transformers"]["pairs_per_minute"] or 1e-9
         result["ratio_pairs_per_minute_vs_transformers"] = dict(

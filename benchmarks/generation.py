@@ -113,8 +113,9 @@ class NaiveEngine:
         return self.complete(prompts, params, seeds)
 
 
-def gemm_flops(size: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_flops(size: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32
+               ) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -194,6 +195,43 @@ def magpie_ppm(engine, tokenizer, pairs: int, batch: int) -> dict:
             "seconds": round(elapsed, 1), "pairs_per_minute": round(60 * pairs / elapsed, 2)}
 
 
+@torch.inference_mode()
+def sampling_drift(engine, other_model, conversations, tokens: int) -> dict:
+    """How far `other_model` (the bf16 copy) moves the next-token distributions of the
+    engine's float32 weights: total variation at temperatures 1 and 0.7, over every position
+    of replies the engine sampled (teacher-forced, one sequence at a time). Also the mean
+    |change| of the sampled token's log-probability."""
+    replies = engine.chat(conversations, SamplingParams(temperature=1.0, max_new_tokens=tokens,
+                                                        seed=1))
+    prompts = engine._prompt_ids(conversations)
+    tv = {1.0: [], 0.7: []}
+    dlogp: list[float] = []
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = engine.tokenizer(reply.text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            continue
+        seq = torch.tensor([prompt + ids])
+        a, b = (m(input_ids=seq).logits[0, len(prompt) - 1:-1].float()
+                for m in (engine.model, other_model))
+        for t, acc in tv.items():
+            acc += (0.5 * (torch.softmax(a / t, -1) - torch.softmax(b / t, -1)).abs()
+                    .sum(-1)).tolist()
+        rows, chosen = torch.arange(len(ids)), torch.tensor(ids)
+        dlogp += (torch.log_softmax(a, -1)[rows, chosen]
+                  - torch.log_softmax(b, -1)[rows, chosen]).abs().tolist()
+    positions = len(dlogp)
+
+    def p95(xs: list[float]) -> float:
+        return round(sorted(xs)[int(0.95 * (len(xs) - 1))], 4)
+
+    return {"positions": positions,
+            "total_variation_T1": {"mean": round(statistics.mean(tv[1.0]), 4),
+                                   "p95": p95(tv[1.0])},
+            "total_variation_T0.7": {"mean": round(statistics.mean(tv[0.7]), 4),
+                                     "p95": p95(tv[0.7])},
+            "sampled_token_logprob_abs_change_mean": round(statistics.mean(dlogp), 4)}
+
+
 QUESTIONS = [
     "What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi.",
     "List three fruits.", "What is the capital of France?", "Explain photosynthesis.",
@@ -261,6 +299,10 @@ def main() -> None:
                         help="only decode tok/s: the fp32 engine at these batch sizes (0: its "
                              "automatic width, the default) against the naive loop, with each "
                              "one's share of the GEMM rate")
+    parser.add_argument("--decode-dtypes", nargs="+", default=["float32"],
+                        choices=["float32", "bfloat16"],
+                        help="--decode-only: weights for the engine arms (bfloat16 also "
+                             "measures how far bf16 moves the sampling distribution)")
     parser.add_argument("--engine-pairs", type=int, default=0,
                         help="--llamacpp-only: Magpie pairs for the fp32 engine (0: skip)")
     args = parser.parse_args()
@@ -310,6 +352,7 @@ def main() -> None:
          "refill_on_bf16": bf16},
         lambda e: replies_tps(e, convs, args.reply_tokens)[0], args.repeats)
     agreement = greedy_agreement(engine, bf16, convs, args.reply_tokens)
+    drift = sampling_drift(engine, bf16.model, convs, args.reply_tokens)
     engine_magpie = magpie_ppm(engine, engine.tokenizer, args.pairs, args.batch_size)
     naive_magpie = magpie_ppm(naive, engine.tokenizer, args.naive_pairs, args.batch_size)
     decode_summary = summarise(decode, "naive_batch1")
@@ -325,6 +368,7 @@ def main() -> None:
                                      replies=args.replies, max_new_tokens=args.reply_tokens,
                                      drop_slack=args.drop_slack),
         "bf16_vs_fp32_greedy": agreement,
+        "bf16_sampling_drift": drift,
         "magpie": {"engine": engine_magpie, "naive_batch1": naive_magpie,
                    "speedup": round(engine_magpie["pairs_per_minute"]
                                     / naive_magpie["pairs_per_minute"], 2)},
@@ -341,9 +385,14 @@ def decode_only_report(args, engine, load_before) -> dict:
     from exnihilo.engines.transformers import AUTO_MAX_ROWS
 
     naive = NaiveEngine(engine)
-    arms = {(f"engine_fp32_batch{b}" if b else "engine_fp32_auto"): TransformersEngine(
-        DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer, batch_size=b or None)
-        for b in args.decode_only}
+    models = {"fp32": engine.model}
+    if "bfloat16" in args.decode_dtypes:
+        models["bf16"] = TransformersEngine(DEFAULT_MODEL, dtype="bfloat16",
+                                            tokenizer=engine.tokenizer).model
+    kinds = [k for k in models if k == "bf16" or "float32" in args.decode_dtypes]
+    arms = {(f"engine_{k}_batch{b}" if b else f"engine_{k}_auto"): TransformersEngine(
+        DEFAULT_MODEL, model_obj=models[k], tokenizer=engine.tokenizer, batch_size=b or None)
+        for k in kinds for b in args.decode_only}
     pre_query = template_info(engine.tokenizer).pre_query
     arms["naive_batch1"] = naive
 
@@ -352,7 +401,9 @@ def decode_only_report(args, engine, load_before) -> dict:
         rows = args.naive_prompts if e is naive else e.batch_size or AUTO_MAX_ROWS
         return decode_tps(e, [pre_query] * rows, args.tokens)[0]
 
-    flops = gemm_flops()
+    flops = {"fp32": gemm_flops()}
+    if "bf16" in models:
+        flops["bf16"] = gemm_flops(dtype=torch.bfloat16)
     summary = summarise(timed_arms(arms, run, args.repeats), "naive_batch1")
     params_count = sum(p.numel() for p in engine.model.parameters())
     prompt_ids = engine.tokenizer([pre_query], add_special_tokens=False)["input_ids"]
@@ -365,9 +416,14 @@ def decode_only_report(args, engine, load_before) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "decode_tokens_per_s": dict(summary, new_tokens_per_row=args.tokens),
-        "gemm_fp32_gflops": round(flops / 1e9, 1),
-        "fraction_of_gemm_peak": {k: round(2 * params_count * v / flops, 4)
-                                  for k, v in summary["median"].items()},
+        "gemm_gflops": {k: round(v / 1e9, 1) for k, v in flops.items()},
+        # Each arm against the GEMM rate of its own dtype (the naive loop: fp32).
+        "fraction_of_gemm_peak": {
+            k: round(2 * params_count * v / flops["bf16" if "_bf16_" in k else "fp32"], 4)
+            for k, v in summary["median"].items()},
+        **({"bf16_sampling_drift": sampling_drift(
+            engine, models["bf16"], [[{"role": "user", "content": q}] for q in QUESTIONS],
+            48)} if "bf16" in models else {}),
     }
 
 

@@ -6,6 +6,7 @@ skipped where torch sees no CUDA device."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,24 @@ def test_dtype_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert devices.training_dtypes("auto", gpu) == ("float32", None)
     assert devices.default_dtype_for(torch.device("mps")) == "float32"
+
+
+def test_sampled_decoding_dtype_is_bf16_only_for_auto_on_a_native_bf16_cpu(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setenv("EXNIHILO_CPU_BF16", "1")
+    assert devices.cpu_native_bf16()
+    assert devices.sampling_dtype("auto", cpu) == "bfloat16"
+    assert devices.sampling_dtype("float32", cpu) is None  # explicit wins
+    assert devices.sampling_dtype("auto", gpu) is None  # a GPU loads bf16 weights instead
+    assert devices.training_dtypes("auto", cpu) == ("float32", None)  # training unchanged
+    monkeypatch.setenv("EXNIHILO_CPU_BF16", "0")
+    assert not devices.cpu_native_bf16()
+    assert devices.sampling_dtype("auto", cpu) is None
+    monkeypatch.delenv("EXNIHILO_CPU_BF16")
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    if flags:  # torch's probes agree with what the kernel reports
+        assert devices.cpu_native_bf16() == ("avx512_bf16" in flags or "amx_tile" in flags)
 
 
 def test_autocast_is_a_no_op_without_a_dtype_and_real_with_one():

@@ -121,6 +121,31 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from torch's own
+    CPU probes. $EXNIHILO_CPU_BF16=0 turns it off (1 claims it), e.g. to compare runs.
+    Not used for training, whose CPU path stays float32."""
+    forced = os.environ.get("EXNIHILO_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def sampling_dtype(dtype: str, device: torch.device) -> str | None:
+    """The dtype sampled (temperature > 0) decoding runs in when it differs from the weights':
+    "bfloat16" for `--dtype auto` on a CPU with native bf16, else None.
+
+    Why only sampled decoding: a bf16 decode step is about 2x a float32 one on such a CPU
+    (SmolLM2-135M, batch 32-128, 2 threads), and a sample's distribution barely moves
+    (benchmarks/generation.py measures the total variation). Greedy replies, though, follow
+    the argmax, which bf16 flips early: they stay float32, so evaluations match across
+    machines. Log-probabilities are scored in float32 too."""
+    if dtype == "auto" and device.type == "cpu" and cpu_native_bf16():
+        return "bfloat16"
+    return None
+
+
 def default_dtype_for(device: torch.device) -> str:
     """The weights' dtype for `--dtype auto` at inference: bfloat16 where the device runs
     it natively, else float32 (unchanged on CPU)."""

@@ -44,7 +44,7 @@ class SamplingParams(BaseModel):
 
 def row_seeds(n: int, params: SamplingParams, seeds: list[int] | None) -> list[int]:
     """One seed per prompt: the caller's (per-record seeds make a row's sample independent
-    of its batch), or params.seed + i when none are given."""
+    of its batch, in float32), or params.seed + i when none are given."""
     if seeds is None:
         return [params.seed + i for i in range(n)]
     if len(seeds) != n:

@@ -13,6 +13,7 @@ left padding; decode writes one token per step into a preallocated cache
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -147,8 +148,11 @@ def cache_argument(model: Any) -> str:
 class TransformersEngine:
     """The default engine: a local Hugging Face causal LM on `device` (None: the process
     default, `exnihilo --device`; auto picks CUDA, else MPS, else the CPU). dtype auto:
-    bfloat16 on a GPU that supports it, else float32. An in-memory `model_obj` stays where
-    it is unless `device` is given. The KV cache is allocated where the model is.
+    bfloat16 on a GPU that supports it, else float32; on a CPU with native bf16 (AVX512-BF16
+    or AMX) sampled decoding runs a bfloat16 copy of the weights (`devices.sampling_dtype`),
+    while greedy decoding and log-probabilities stay float32. An in-memory `model_obj` is
+    used as it is (its weights may be training: no copy) and stays where it is unless
+    `device` is given. The KV cache is allocated where the model is.
 
     `batch_size` is the number of rows decoded together; None (the default) picks it per
     call from the prompts' length, the reply budget and the free memory (`auto_width`)."""
@@ -171,6 +175,12 @@ class TransformersEngine:
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self._stop_ids = self._base_stop_ids()
         self._cache_kw = cache_argument(self.model)
+        from exnihilo.devices import sampling_dtype
+
+        weights = next(self.model.parameters())
+        self._sampling_dtype = None if model_obj is not None or weights.dtype != torch.float32 \
+            else sampling_dtype(dtype, weights.device)
+        self._sampling_model: Any = None
         from exnihilo.engines.kvcache import supports_growing
 
         # Continuous batching needs mergeable caches: plain full-attention layers only.
@@ -276,42 +286,54 @@ class TransformersEngine:
                     ids.add(vocab[marker])
         return ids
 
+    def decoder_for(self, params: SamplingParams) -> Any:
+        """The model that decodes under `params`: a bfloat16 copy (made once) for sampled
+        decoding where `devices.sampling_dtype` asks for it, else the weights as loaded."""
+        if self._sampling_dtype is None or params.temperature == 0.0:
+            return self.model
+        if self._sampling_model is None:
+            self._sampling_model = copy.deepcopy(self.model).to(
+                getattr(torch, self._sampling_dtype)).eval()
+        return self._sampling_model
+
     def width_for(self, prompt_ids: list[list[int]], params: SamplingParams) -> int:
         """Rows decoded together for this call: `batch_size` when set, else `auto_width`."""
         if self.batch_size:
             return self.batch_size
         longest = max((len(p) for p in prompt_ids), default=0)
-        device = next(self.model.parameters()).device
-        return auto_width(self.model, longest + params.max_new_tokens, free_memory(device))
+        model = self.decoder_for(params)
+        device = next(model.parameters()).device
+        return auto_width(model, longest + params.max_new_tokens, free_memory(device))
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
                      seeds: list[int] | None = None) -> list[Completion]:
         """Generate for token-id prompts; results in input order."""
         seeds = row_seeds(len(prompt_ids), params, seeds)
         width = self.width_for(prompt_ids, params)
+        model = self.decoder_for(params)
         # Longest first: batches hold similar lengths (less padding) and the slowest batch
         # runs while the progress estimate is still honest.
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[Completion | None] = [None] * len(prompt_ids)
         with token_progress(self.progress_label, len(prompt_ids)) as bar:
             if self.refill:
-                outs = self._generate_refill([prompt_ids[i] for i in order], params,
+                outs = self._generate_refill(model, [prompt_ids[i] for i in order], params,
                                              [seeds[i] for i in order], bar, width)
                 for i, out in zip(order, outs, strict=True):
                     results[i] = out
                 return [r for r in results if r is not None]
             for start in range(0, len(order), width):
                 chunk = order[start:start + width]
-                outs = self._generate_batch([prompt_ids[i] for i in chunk], params,
+                outs = self._generate_batch(model, [prompt_ids[i] for i in chunk], params,
                                             [seeds[i] for i in chunk], bar)
                 for i, out in zip(chunk, outs, strict=True):
                     results[i] = out
         return [r for r in results if r is not None]
 
-    def _prefill(self, prompts: list[list[int]], cache: Any
+    def _prefill(self, model: Any, prompts: list[list[int]], cache: Any
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded prefill; (last-position logits [n, vocab], mask, last position ids)."""
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -321,12 +343,12 @@ class TransformersEngine:
             mask[r, width - len(p):] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float(), mask, positions[:, -1]
 
     @torch.inference_mode()
-    def _generate_refill(self, prompts: list[list[int]], params: SamplingParams,
+    def _generate_refill(self, model: Any, prompts: list[list[int]], params: SamplingParams,
                          seeds: list[int], bar: Any, width: int) -> list[Completion]:
         """Continuous batching over all `prompts` (in the given order): up to `width`
         rows decode together; whenever at most half remain and prompts are waiting, the
@@ -337,7 +359,7 @@ class TransformersEngine:
         has finished, the batch admits new prompts, or no live row is left."""
         from exnihilo.engines.kvcache import growing_cache, merge_rows
 
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         stop_ids = torch.tensor(sorted(self._stop_ids), dtype=torch.long, device=device)
         stop_strings = [s for s in params.stop if s]
         tail_tokens = max((len(s) for s in stop_strings), default=0) + 4
@@ -380,8 +402,8 @@ class TransformersEngine:
                     rows, cache = [], None
                 group = list(range(waiting, min(n, waiting + width - live)))
                 waiting = group[-1] + 1
-                new_cache = growing_cache(self.model)
-                new_logits, new_mask, new_pos = self._prefill([prompts[i] for i in group],
+                new_cache = growing_cache(model)
+                new_logits, new_mask, new_pos = self._prefill(model, [prompts[i] for i in group],
                                                               new_cache)
                 if rows:
                     cache, mask = merge_rows(cache, new_cache, mask, new_mask)
@@ -422,9 +444,9 @@ class TransformersEngine:
                 compact()
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
             last_pos = last_pos + 1
-            out = self.model(input_ids=next_tokens[:, None], attention_mask=mask,
-                             position_ids=last_pos[:, None], use_cache=True,
-                             **{self._cache_kw: cache})
+            out = model(input_ids=next_tokens[:, None], attention_mask=mask,
+                        position_ids=last_pos[:, None], use_cache=True,
+                        **{self._cache_kw: cache})
             logits = out.logits[:, -1, :].float()
         return [self._completion(generated[r], prompts[r], finish[r], stop_strings)
                 for r in range(n)]
@@ -449,11 +471,11 @@ class TransformersEngine:
                           finish_reason=finish or "length")  # type: ignore[arg-type]
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+    def _generate_batch(self, model: Any, prompts: list[list[int]], params: SamplingParams,
                         seeds: list[int], bar: Any) -> list[Completion]:
         from transformers import DynamicCache
 
-        model, tok = self.model, self.tokenizer
+        tok = self.tokenizer
         device = next(model.parameters()).device
         n = len(prompts)
         width = max(len(p) for p in prompts)

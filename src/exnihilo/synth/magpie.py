@@ -3,10 +3,13 @@ where a user message would start, writes a user instruction and stops at its end
 marker; that instruction, sent as a normal chat turn, yields the response.
 
 Resumability: candidate i is sampled with a seed derived from (base seed, i), so candidate i
-always produces the same conversation. Kept records go to the output file, discarded
-candidates (and why) to a `.exnihilo/<out>.skipped.jsonl` sidecar; on rerun every candidate
-index found in either file is skipped, so a killed run (even `kill -9`) continues where it
-stopped and the final file holds exactly `n` unique records.
+produces the same conversation whatever batch it lands in (in float32; where sampling runs
+in bfloat16, `devices.sampling_dtype`, the kernels' rounding varies with the batch's shape,
+so a resumed run's new candidates can differ from an unbroken run's). Kept records go to
+the output file, discarded candidates (and why) to a `.exnihilo/<out>.skipped.jsonl`
+sidecar; on rerun every candidate index found in either file is skipped, so a killed run
+(even `kill -9`) continues where it stopped and the final file holds exactly `n` unique
+records.
 """
 
 from __future__ import annotations
