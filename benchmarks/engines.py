@@ -18,6 +18,16 @@ generated tok/s: server c=4 15.5 / 37.3 (its best), c=16 12.7 / 30.5; in-process
 batch 32 15.7 / 49.6, Q4_1 15.0 / 43.9; transformers fp32 batch 16 16.0 / 36.1. Parity: the
 llamacpp engine generates 1.33x the server's tokens/s, but Magpie's rounds wait for their
 longest row, and it discarded more candidates (74 vs 56) in this run.
+
+Measured 2026-12-01 on a 2-core CPU with AVX512-BF16/AMX, idle (--n 64 --threads 1
+--torch-threads 1 --concurrency 1 4 --skip-llamacpp; two runs, --dtypes auto float32 and
+float32 auto), pairs/min and generated tok/s:
+  server (Q4_1, x86-64-v3 build)  c=1 14.1 / 35.4, c=4 13.6 / 33.9;  c=1 13.4, c=4 13.8
+  transformers auto (bf16 sampling, automatic width, rounds of 128)
+                                  53.6 / 156.9 (3.80x the server);   68.3 / 200.1 (4.95x)
+  transformers float32            22.4 / 87.2 (1.59x);               23.5 / 91.3 (1.70x)
+The bf16 arm used 192 candidates in both runs, the fp32 arm 256: the dtypes sample
+different texts, and more of fp32's were discarded here (unfinished instructions).
 """
 
 from __future__ import annotations

@@ -164,8 +164,9 @@ def test_kill_9_mid_run_then_resume_with_the_real_model(tmp_path):
     out = tmp_path / "real.jsonl"
     n = 6
     cmd = [sys.executable, "-m", "exnihilo.cli", "synth", "magpie", "-n", str(n), "-o",
-           str(out), "--batch-size", "4", "--instruction-max-tokens", "64",
-           "--response-max-tokens", "96", "--seed", "7", "--show", "0"]
+           str(out), "--batch-size", "4", "--instruction-max-tokens", "48",
+           "--response-max-tokens", "64", "--seed", "7", "--show", "0",
+           "--system", "You are a helpful assistant. Every answer is one short sentence."]
     env = dict(os.environ, EXNIHILO_NO_PROGRESS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
@@ -187,8 +188,10 @@ def test_kill_9_mid_run_then_resume_with_the_real_model(tmp_path):
     assert len({r["id"] for r in records}) == n
     assert len({r["meta"]["index"] for r in records}) == n
     for r in records:
-        assert r["messages"][0]["role"] == "user" and r["messages"][0]["content"].strip()
-        assert r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"].strip()
+        system, user, reply = r["messages"]  # the short-answer system prompt keeps it fast
+        assert system["role"] == "system" and "short sentence" in system["content"]
+        assert user["role"] == "user" and user["content"].strip()
+        assert reply["role"] == "assistant" and reply["content"].strip()
 
 
 def test_round_candidates_follow_the_keep_rate_seen_so_far():
