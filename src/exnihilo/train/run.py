@@ -160,7 +160,13 @@ def enable_gradient_checkpointing(model: Any) -> None:
     tokens on SmolLM2-135M this is most of the peak memory (see benchmarks/sft.py), for
     about a third more compute. Non-reentrant checkpointing works with frozen embeddings
     (LoRA) and restores the RNG state, so dropout masks (and resume) stay exact."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5.24 renamed it and warns on the old name (every training run printed it).
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # Micro-batches of at least this many positions (batch × max length) turn gradient
