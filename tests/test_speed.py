@@ -32,7 +32,7 @@ def test_cache_embeds_only_new_or_edited_records_and_gives_identical_vectors(tmp
     model = CountingEmbedder()
     ids, texts = ["a", "b", "c"], ["first text", "second text", "third text"]
     first, fresh = embed_cached(ids, texts, path, model)
-    assert fresh == 3 and model.seen == texts and path.exists()
+    assert fresh == 3 and sorted(model.seen) == sorted(texts) and path.exists()
     model.seen.clear()
     again, fresh = embed_cached(ids, texts, path, model)
     assert fresh == 0 and model.seen == [] and np.array_equal(again, first)
@@ -40,10 +40,37 @@ def test_cache_embeds_only_new_or_edited_records_and_gives_identical_vectors(tmp
     ids2 = ["d", "c", "a", "b", "e"]
     texts2 = ["fourth", "third text", "first text", "second text, edited", "fifth"]
     got, fresh = embed_cached(ids2, texts2, path, model)
-    assert fresh == 3 and model.seen == ["fourth", "second text, edited", "fifth"]
+    # Only the new and edited ones, each once (longest first, as batches pad least).
+    assert fresh == 3 and model.seen == ["second text, edited", "fourth", "fifth"]
     want = CountingEmbedder().encode(texts2)
     assert np.array_equal(got, want)  # cached rows bit-identical to embedding afresh
     assert set(read_cache(path)) == {cache_key(i, t) for i, t in zip(ids2, texts2, strict=True)}
+
+
+def test_a_killed_embedding_run_keeps_its_flushed_chunks_and_resumes(tmp_path, monkeypatch):
+    from exnihilo import embedder
+
+    monkeypatch.setattr(embedder, "EMBED_CHUNK", 4)
+    monkeypatch.setattr(embedder, "FLUSH_EVERY", 8)
+
+    class DiesOnThirdChunk(CountingEmbedder):
+        def encode(self, texts, **kwargs):
+            if len(self.seen) >= 8:
+                raise KeyboardInterrupt
+            return super().encode(texts, **kwargs)
+
+    path = tmp_path / "c.safetensors"
+    ids = [f"r{i}" for i in range(20)]
+    texts = [f"text number {i}" + "!" * i for i in range(20)]  # distinct lengths
+    with pytest.raises(KeyboardInterrupt):
+        embed_cached(ids, texts, path, DiesOnThirdChunk())
+    kept = read_cache(path)  # the 8 longest, flushed after two chunks
+    assert set(kept) == {cache_key(ids[i], texts[i]) for i in range(12, 20)}
+    model = CountingEmbedder()
+    got, fresh = embed_cached(ids, texts, path, model)
+    assert fresh == 12 and sorted(model.seen) == sorted(texts[:12])
+    assert np.array_equal(got, CountingEmbedder().encode(texts))
+    assert set(read_cache(path)) == {cache_key(i, t) for i, t in zip(ids, texts, strict=True)}
 
 
 def test_cache_from_another_embedder_is_ignored(tmp_path):

@@ -25,10 +25,11 @@ def enabled() -> bool:
 
 
 class TokenProgress:
-    """Counts finished items and generated tokens; shows items, tokens/s and ETA."""
+    """Counts finished items and generated tokens; shows items, tokens/s and ETA (with
+    `unit` other than "tok": items per second in that unit, e.g. "texts/s")."""
 
-    def __init__(self, progress: Progress | None, task: int | None):
-        self._progress, self._task = progress, task
+    def __init__(self, progress: Progress | None, task: int | None, unit: str = "tok"):
+        self._progress, self._task, self.unit = progress, task, unit
         self.tokens = 0
         self.items = 0
         self.started = time.perf_counter()
@@ -38,8 +39,9 @@ class TokenProgress:
         self.tokens += tokens
         if self._progress is not None and self._task is not None:
             elapsed = max(time.perf_counter() - self.started, 1e-9)
+            count = self.tokens if self.unit == "tok" else self.items
             self._progress.update(self._task, advance=items,
-                                  rate=f"{self.tokens / elapsed:,.0f} tok/s")
+                                  rate=f"{count / elapsed:,.0f} {self.unit}/s")
 
     @property
     def tokens_per_second(self) -> float:
@@ -47,9 +49,10 @@ class TokenProgress:
 
 
 @contextmanager
-def token_progress(description: str, total: int) -> Iterator[TokenProgress]:
+def token_progress(description: str, total: int, unit: str = "tok"
+                   ) -> Iterator[TokenProgress]:
     if not enabled():
-        yield TokenProgress(None, None)
+        yield TokenProgress(None, None, unit)
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -57,7 +60,7 @@ def token_progress(description: str, total: int) -> Iterator[TokenProgress]:
                         console=_console, transient=False)
     with progress:
         task = progress.add_task(description, total=total, rate="")
-        yield TokenProgress(progress, task)
+        yield TokenProgress(progress, task, unit)
 
 
 def note(message: str) -> None:
