@@ -73,6 +73,7 @@ import torch
 
 os.environ.setdefault("EXNIHILO_NO_PROGRESS", "1")
 
+from exnihilo.devices import cpu_native_bf16  # noqa: E402
 from exnihilo.engines.base import Completion, SamplingParams  # noqa: E402
 from exnihilo.engines.transformers import TransformersEngine  # noqa: E402
 from exnihilo.models import DEFAULT_MODEL  # noqa: E402
@@ -133,15 +134,6 @@ def gemm_flops(size: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.f
     for _ in range(repeats):
         torch.mm(a, b)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def cpu_bf16() -> bool:
-    """Whether the CPU has native bf16 dot products (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def decode_tps(engine, prompts, tokens: int) -> tuple[float, int]:
@@ -372,7 +364,7 @@ def main() -> None:
     print(json.dumps({
         "model": DEFAULT_MODEL, "params": params_count, "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "cpu_native_bf16": cpu_bf16(),
+        "cpu_native_bf16": cpu_native_bf16(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "decode_tokens_per_s": dict(decode_summary, new_tokens_per_row=args.tokens),
@@ -422,7 +414,7 @@ def decode_only_report(args, engine, load_before) -> dict:
     auto = TransformersEngine(DEFAULT_MODEL, model_obj=engine.model, tokenizer=engine.tokenizer)
     return {
         "model": DEFAULT_MODEL, "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "cpu_native_bf16": cpu_bf16(),
+        "cpus": os.cpu_count(), "cpu_native_bf16": cpu_native_bf16(),
         "automatic_width": auto.width_for(prompt_ids * AUTO_MAX_ROWS, SamplingParams(
             max_new_tokens=args.tokens)),
         "load_average_before": [round(x, 2) for x in load_before],
