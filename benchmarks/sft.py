@@ -48,11 +48,18 @@ import torch
 from exnihilo.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from exnihilo.train.collate import BatchPlan, collate_packed, padding_waste, shifted_length
 from exnihilo.train.data import prepare_examples
-from exnihilo.train.loop import LoopConfig, make_scheduler, optimizer_step
+from exnihilo.train.loop import (
+    LoopConfig,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    parameter_groups,
+)
 from exnihilo.train.sft import (
     SFTConfig,
     SFTObjective,
     add_lora,
+    checkpoint_from_positions,
     enable_gradient_checkpointing,
     epoch_plan,
     limit_heap_growth,
@@ -86,20 +93,31 @@ class OursStepper:
     """exnihilo's per-step path (collate → SFTObjective → optimizer_step), as train_loop
     runs it, driven one step at a time so it can interleave with TRL."""
 
-    def __init__(self, records, tokenizer, full: bool, pack: bool, steps: int):
-        cfg = hyper(full, pack, steps)
+    def __init__(self, records, tokenizer, full: bool, pack: bool, steps: int,
+                 checkpointing: bool | None = None):
+        """`checkpointing` None: ours as it ships (`run_sft`'s automatic rule, per
+        micro-batch); True/False: forced, as `--[no-]gradient-checkpointing` does."""
+        cfg = hyper(full, pack, steps).model_copy(
+            update={"gradient_checkpointing": checkpointing})
         examples = prepare_examples(records, "chat", tokenizer, cfg.max_length)
         torch.manual_seed(0)
         model = load_model(DEFAULT_MODEL)
+        if wants_checkpointing(cfg, cfg.max_length):
+            enable_gradient_checkpointing(model)
         self.model = model if full else add_lora(model, cfg)
         self.model.train()
         plan, _, _ = epoch_plan(examples, cfg, tokenizer.eos_token_id)
         self.batches = iter(plan(0))
+        self.model_checkpointing = wants_checkpointing(cfg, cfg.max_length)
         self.collate = make_collate(tokenizer.pad_token_id, tokenizer.eos_token_id,
                                     cfg.mask_prompt, pack)
-        self.loop_cfg = LoopConfig(lr=cfg.learning_rate, max_steps=steps + 1, seed=0)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate)
+        self.loop_cfg = LoopConfig(
+            lr=cfg.learning_rate, max_steps=steps + 1, seed=0,
+            checkpoint_from_positions=checkpoint_from_positions(cfg, cfg.max_length))
+        self.checkpointed: list[bool] = []
+        groups = parameter_groups(self.model, self.loop_cfg)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(groups, self.loop_cfg)
         self.scheduler = make_scheduler(self.optimizer, steps + 1, self.loop_cfg)
         self.seconds: list[float] = []
         self.tokens: list[float] = []
@@ -107,9 +125,13 @@ class OursStepper:
         self.losses: list[float] = []
 
     def step(self) -> None:
+        batch = self.collate(next(self.batches))
+        threshold = self.loop_cfg.checkpoint_from_positions
+        self.checkpointed.append(self.model_checkpointing if threshold is None else
+                                 batch["input_ids"].numel() >= threshold)
         started = time.perf_counter()
         step = optimizer_step(
-            self.model, SFTObjective(), [self.collate(next(self.batches))], self.params,
+            self.model, SFTObjective(), [batch], self.params,
             self.optimizer, self.scheduler, self.loop_cfg)
         self.seconds.append(time.perf_counter() - started)
         self.tokens.append(step.weight)
@@ -120,12 +142,16 @@ class OursStepper:
         secs = sum(self.seconds[1:])
         return {"trained_tokens_per_s": sum(self.tokens[1:]) / secs,
                 "positions_per_s": sum(self.positions[1:]) / secs,
-                "steps_timed": len(self.seconds) - 1, "losses": self.losses}
+                "steps_timed": len(self.seconds) - 1, "losses": self.losses,
+                "checkpointed_steps": sum(self.checkpointed[1:])}
 
 
 def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: bool,
-             trl_gradient_checkpointing: bool = True) -> dict:
-    ours = OursStepper(records, tokenizer, full, pack, steps)
+             trl_checkpointing: bool = True, ours_checkpointing: bool | None = None,
+             trl_bf16: bool = False) -> dict:
+    """Ours and TRL on the same records and settings; TRL with gradient checkpointing on
+    (its default) or off, ours as it ships (None) or forced on/off."""
+    ours = OursStepper(records, tokenizer, full, pack, steps, ours_checkpointing)
     if not with_trl:
         for _ in range(steps + 1):
             ours.step()
@@ -173,10 +199,10 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
             gradient_accumulation_steps=1,
             learning_rate=cfg.learning_rate, max_steps=steps + 1, max_length=cfg.max_length,
             packing=pack, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, report_to=[],
-            save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=0,
+            max_grad_norm=1.0, logging_steps=1, report_to=[],
+            save_strategy="no", use_cpu=True, bf16=trl_bf16, fp16=False, seed=0,
             dataloader_num_workers=0, disable_tqdm=True,
-            gradient_checkpointing=trl_gradient_checkpointing)
+            gradient_checkpointing=trl_checkpointing)
         torch.manual_seed(0)
         peft_config = None if full else LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -191,10 +217,36 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
     n = len(clock.seconds)
     trl = {"trained_tokens_per_s": sum(trained[1:n]) / sum(clock.seconds[1:]),
            "steps_timed": n - 1, "gradient_checkpointing": args.gradient_checkpointing,
+           "bf16_autocast": trl_bf16, "optim": str(getattr(args.optim, "value", args.optim)),
            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
-    ours_fig = ours.figures()
+    ours_fig = ours.figures() | {"gradient_checkpointing": ours_checkpointing or "automatic"}
     return {"ours": ours_fig, "trl": trl,
             "speedup_vs_trl": ours_fig["trained_tokens_per_s"] / trl["trained_tokens_per_s"]}
+
+
+def dropout_ab(records, tokenizer, steps: int) -> dict:
+    """Our LoRA step with peft's own `nn.Dropout` against `LaneDropout` (what `add_lora`
+    installs), and with no dropout at all (the ceiling), interleaved step by step on the same
+    batches; no gradient checkpointing."""
+    from peft.tuners.lora import LoraLayer
+
+    arms = {name: OursStepper(records, tokenizer, False, False, steps)
+            for name in ("torch_dropout", "lane_dropout", "no_dropout")}
+    for module in arms["torch_dropout"].model.modules():
+        if isinstance(module, LoraLayer):
+            for key, layer in module.lora_dropout.items():
+                module.lora_dropout[key] = torch.nn.Dropout(layer.p)
+    for module in arms["no_dropout"].model.modules():
+        if isinstance(module, LoraLayer):
+            for key in module.lora_dropout:
+                module.lora_dropout[key] = torch.nn.Identity()
+    for _ in range(steps + 1):
+        for arm in arms.values():
+            arm.step()
+    figures = {name: arm.figures() for name, arm in arms.items()}
+    base = figures["torch_dropout"]["trained_tokens_per_s"]
+    return figures | {f"{name}_vs_torch_dropout": figures[name]["trained_tokens_per_s"] / base
+                      for name in ("lane_dropout", "no_dropout")}
 
 
 def padding_figures(records, tokenizer) -> dict:
@@ -285,6 +337,10 @@ def main() -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probe")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--only", default="", help="comma list of run names, e.g. lora,full")
+    parser.add_argument("--dropout-ab", action="store_true",
+                        help="only our LoRA step with torch's dropout vs LaneDropout vs none")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="TRL as it ships (bf16 autocast on; ours stays float32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,19 +358,29 @@ def main() -> None:
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     records = load_data(args.records)
     started = time.perf_counter()
+    if args.dropout_ab:
+        print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+                          "steps": args.steps,
+                          "lora_dropout": dropout_ab(records, tokenizer, args.steps),
+                          "load_avg_end": os.getloadavg()}, indent=2))
+        return
     report: dict = {"model": DEFAULT_MODEL, "records": len(records), "steps": args.steps,
                     "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
                     "padding": padding_figures(records, tokenizer), "runs": {}}
-    # (name, full, pack, TRL gradient checkpointing): TRL's default turns checkpointing on,
-    # which recomputes activations; the last row compares without it (same compute).
-    plan = [("lora", False, False, True), ("full", True, False, True),
-            ("lora_packed", False, True, True), ("full_packed", True, True, True),
-            ("lora_vs_trl_no_gc", False, False, False)]
+    # (name, full, pack, TRL's gradient checkpointing, ours: None as shipped, or forced).
+    # TRL's default turns checkpointing on for every step. Ours turns it on for micro-batches
+    # of 2,048 positions or more (`checkpoint_from_positions`), which these short records
+    # never reach; the *_gc rows force it on in both, the *_no_gc rows off in both.
+    plan = [("lora", False, False, True, None), ("full", True, False, True, None),
+            ("lora_packed", False, True, True, None), ("full_packed", True, True, True, None),
+            ("lora_no_gc", False, False, False, False), ("full_no_gc", True, False, False, False),
+            ("lora_gc", False, False, True, True), ("full_gc", True, False, True, True)]
     only = {s for s in args.only.split(",") if s}
-    for name, full, pack, trl_gc in plan:
+    for name, full, pack, trl_gc, ours_gc in plan:
         if only and name not in only:
             continue
-        runs = run_pair(records, tokenizer, full, pack, args.steps, not args.no_trl, trl_gc)
+        runs = run_pair(records, tokenizer, full, pack, args.steps, not args.no_trl, trl_gc,
+                        ours_gc, args.trl_bf16)
         report["runs"][name] = runs
         print(json.dumps({name: runs}), file=sys.stderr)
     runs = report["runs"]

@@ -135,6 +135,60 @@ def test_checkpointing_turns_on_by_itself_for_large_micro_batches():
     assert wants_checkpointing(forced, 16)
 
 
+def test_automatic_checkpointing_is_per_micro_batch(smol_tokenizer):
+    """Set up because some micro-batch may reach 2,048 positions, checkpointing then runs
+    only for those that do: a short batch keeps its activations (no recompute), a long one
+    recomputes every layer; the gradients are the same either way."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from exnihilo.train.loop import LoopConfig, make_scheduler, optimizer_step
+    from exnihilo.train.run import checkpoint_from_positions, enable_gradient_checkpointing
+    from exnihilo.train.sft import SFTConfig, SFTObjective
+
+    cfg = SFTConfig(data="d", out="o", batch_size=8, max_length=512)
+    assert checkpoint_from_positions(cfg, 512) == 2048
+    assert checkpoint_from_positions(cfg, 255) is None  # no batch can get there
+    for forced in (True, False):  # an explicit setting is left alone
+        assert checkpoint_from_positions(
+            cfg.model_copy(update={"gradient_checkpointing": forced}), 512) is None
+
+    def run(threshold: int | None, rows: int, width: int) -> tuple[int, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(len(smol_tokenizer)))
+        enable_gradient_checkpointing(model)
+        calls = []
+        for module in model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None and hasattr(module, "self_attn"):
+                def counted(*args, _func=func, **kwargs):
+                    calls.append(1)
+                    return _func(*args, **kwargs)
+                module._gradient_checkpointing_func = counted
+        params = list(model.parameters())
+        grads: list[torch.Tensor] = []
+
+        class Recording(torch.optim.SGD):  # optimizer_step zeroes the gradients after step
+            def step(self, closure=None):
+                grads.extend(p.grad.clone() for p in params)
+
+        optimizer = Recording(params, lr=0.0)
+        loop_cfg = LoopConfig(checkpoint_from_positions=threshold, max_steps=1)
+        ids = torch.randint(3, 500, (rows, width), generator=torch.Generator().manual_seed(1))
+        optimizer_step(model, SFTObjective(), [{"input_ids": ids, "labels": ids.clone()}],
+                       params, optimizer, make_scheduler(optimizer, 1, loop_cfg), loop_cfg)
+        return len(calls), grads
+
+    short_calls, short_grads = run(2048, 8, 64)  # 512 positions
+    long_calls, long_grads = run(2048, 8, 256)  # 2048 positions
+    always_calls, always_grads = run(None, 8, 64)  # set up and left on
+    assert (short_calls, long_calls, always_calls) == (0, 2, 2)  # 2 layers each time
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(short_grads, always_grads,
+                                                                strict=True))
+    assert len(long_grads) == len(short_grads) and long_grads[0].abs().sum() > 0
+
+
 def test_heap_limit_applies_on_glibc():
     import platform
 

@@ -118,6 +118,9 @@ class LoopConfig:
     # Mixed precision: forward passes under torch.autocast to this dtype ("bfloat16") on the
     # model's device, weights and optimizer state staying float32. None: off (the CPU).
     autocast_dtype: str | None = None
+    # Gradient checkpointing (set up on the model beforehand) on only for micro-batches of at
+    # least this many positions; None: leave it as the model has it.
+    checkpoint_from_positions: int | None = None
 
 
 @dataclass
@@ -188,6 +191,17 @@ def parameter_groups(model: torch.nn.Module, cfg: LoopConfig) -> list[dict[str, 
                     "lr": cfg.lr * scale, "lr_scale": scale,
                     "name": ("no_decay" if skip_decay else "decay") + ("+lora_B" if is_b else "")})
     return out
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: LoopConfig) -> torch.optim.AdamW:
+    """torch's AdamW over `groups`, with its fused kernel where torch has one for every
+    parameter (CPU and CUDA, floating point): one pass per tensor instead of a dozen.
+    A full-finetuning step of the 135M model spent 1.25 s in the per-tensor loop against
+    0.21 s fused (1 thread); it is also what transformers' `Trainer` uses by default."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -390,7 +404,7 @@ def train_loop(model: torch.nn.Module, objective: Objective,
     n_steps = count_steps(plan, cfg)
     if n_steps == 0:
         raise ExnihiloError("no training batches: the dataset is empty after filtering")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(groups, cfg)
     scheduler = make_scheduler(optimizer, n_steps, cfg)
 
     metrics_path = out / "metrics.jsonl"
@@ -490,6 +504,15 @@ class StepOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def set_checkpointing(model: Any, on: bool) -> None:
+    """Turn gradient checkpointing on or off for the next forward pass, after
+    `enable_gradient_checkpointing` has set it up: transformers reads each layer's
+    `gradient_checkpointing` flag at call time."""
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module.gradient_checkpointing = on
+
+
 def optimizer_step(model: torch.nn.Module, objective: Objective, window: list[Batch],
                    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    scheduler: Any, cfg: LoopConfig) -> StepOutput:
@@ -502,6 +525,8 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, window: list[Ba
     metrics: dict[str, float] = {}
     device = model_device(model)
     for batch in window:
+        if cfg.checkpoint_from_positions is not None:
+            set_checkpointing(model, batch["input_ids"].numel() >= cfg.checkpoint_from_positions)
         with autocast(device, cfg.autocast_dtype):  # forward only; backward runs outside
             output = objective.loss_sum(model, batch)
         loss_sum, batch_metrics = split_loss(output)

@@ -9,7 +9,7 @@ Alpaca form (`exnihilo.styles.render_prompt(messages, info["style"], tokenizer)`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from exnihilo.train.run import (  # noqa: F401  (re-exported: the SFT recipe's p
     RUN_INFO,
     TrainConfig,
     add_lora,
+    checkpoint_from_positions,
     count_parameters,
     enable_gradient_checkpointing,
     given_model,
@@ -157,7 +158,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False, on_step: Any = None,
                    for k in range(0, len(data.val), cfg.batch_size)]
     result: LoopResult = train_loop(
         model, SFTObjective(), plan, make_collate(pad_id, eos_id, cfg.mask_prompt, cfg.pack),
-        val_batches, out, cfg.loop_config(), resume=resume, label="sft", on_step=on_step)
+        val_batches, out, replace(cfg.loop_config(), checkpoint_from_positions=(
+            checkpoint_from_positions(cfg, cfg.max_length))),
+        resume=resume, label="sft", on_step=on_step)
 
     base_model = cfg.model if model_obj is None else f"in-memory {type(model_obj).__name__}"
     info = {"kind": "sft", "style": cfg.style, "base_model": base_model,
