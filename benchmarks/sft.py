@@ -5,9 +5,13 @@ for LoRA and full finetuning, padded and packed, on the same records (ch07's Alp
 rendered with the model's chat template, loss on every token) with the same hyperparameters
 (AdamW, lr 2e-4 LoRA / 5e-5 full, r 16, alpha 32, dropout 0.05, all-linear, batch 8, max
 length 512, clip 1.0, cosine). TRL runs its real `SFTTrainer.train()` with its defaults
-(which include gradient checkpointing and its chunked "fused LM head" loss); after each TRL
-step a callback runs one step of ours, timed on its own. Interleaving step by step matters
-on a shared CPU: load drifts over minutes, and both systems then see the same drift.
+(which include gradient checkpointing, bf16 autocast on a CPU with native bf16, and its
+chunked "fused LM head" loss); a callback runs one step of ours beside each TRL step,
+timed on its own, after TRL's step on even steps and before it on odd ones: on a shared
+CPU load drifts over minutes, so both systems must see the same drift, and a fixed order
+was measured to favour the second runner (the first arm of an A/A/A round ran ~14 %
+slower). Arms ending in `_no_gc` turn TRL's checkpointing off (ours keeps its automatic
+choice); arms with `fp32` run both in float32 (ours `--dtype float32`, TRL `bf16=False`).
 The first step of each is untimed (allocation warm-up).
 
 Also: padding waste padded vs packed over a whole epoch plan, and the peak RSS of a LoRA
@@ -22,12 +26,20 @@ Peak RSS of one LoRA step at 8 x 512, measured 2026-11-30 (`--rss-only --threads
 subprocess each, load 4-7): old default (dropout 0.05, no checkpointing) 14.53 GiB;
 dropout 0: 11.20; checkpointing: 7.11; both: 5.47; heap limit without checkpointing: 10.47;
 both + heap limit: 2.95; today's default (checkpointing on by itself at 8 x 512, heap
-limit, dropout 0.05): 2.82 GiB.
+limit, dropout 0.05): 2.82 GiB. Re-measured 2026-12-05 (idle, AMX machine, today's
+code, so lane dropout where dropout > 0): old default 13.78; dropout 0: 9.69;
+checkpointing: 7.63; both: 5.31; both + heap limit: 1.43; today's default, now with bf16
+frozen products: 1.80 GiB.
 
-Throughput measured 2026-12-01 (idle 2-core CPU with AMX, 1 thread, TRL 1.16.0, both
-float32; `--threads 1 --only lora,full,lora_vs_trl_no_gc --no-rss`), trained tokens/s:
-LoRA ours 82.5 vs TRL (checkpointing on, its default) 50.2: 1.64x; full 68.9 vs 52.8: 1.31x;
-LoRA vs TRL with checkpointing off 84.0 vs 69.7: 1.21x (the target is 1.3x).
+Throughput measured 2026-12-05 (idle 2-core CPU with AMX, 1 thread, TRL 1.16.0, 6 timed
+steps per arm; `--threads 1 --steps 6 --only lora,lora_trl_no_gc,full,full_no_gc,
+lora_fp32_no_gc --no-rss`), trained tokens/s, ours vs TRL:
+LoRA as shipped (ours bf16 frozen products, TRL bf16 autocast + checkpointing): 183.7 vs
+95.7, 1.92x; TRL checkpointing off: 191.7 vs 116.0, 1.65x; both float32, TRL checkpointing
+off: 133.9 vs 85.8, 1.56x. Full finetuning (ours float32, TRL bf16 autocast): 97.0 vs 104.9,
+0.92x, and 103.9 vs 112.2 (0.93x) with TRL's checkpointing off -- TRL is faster there;
+both float32 (`--only full_fp32_no_gc`, another run): 70.3 vs 57.5, 1.22x.
+Ours, LoRA vs full on the same batches: 183.7 vs 97.0, 1.89x.
 """
 
 from __future__ import annotations
@@ -45,9 +57,11 @@ from pathlib import Path
 
 import torch
 
+from exnihilo.devices import bf16_frozen_matmuls
 from exnihilo.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from exnihilo.train.collate import BatchPlan, collate_packed, padding_waste, shifted_length
 from exnihilo.train.data import prepare_examples
+from exnihilo.train.frozen_bf16 import frozen_bf16_matmuls
 from exnihilo.train.loop import (
     LoopConfig,
     make_optimizer,
@@ -94,11 +108,14 @@ class OursStepper:
     runs it, driven one step at a time so it can interleave with TRL."""
 
     def __init__(self, records, tokenizer, full: bool, pack: bool, steps: int,
-                 checkpointing: bool | None = None):
+                 checkpointing: bool | None = None, dtype: str = "auto"):
         """`checkpointing` None: ours as it ships (`run_sft`'s automatic rule, per
-        micro-batch); True/False: forced, as `--[no-]gradient-checkpointing` does."""
+        micro-batch); True/False: forced, as `--[no-]gradient-checkpointing` does.
+        `dtype` "auto" as it ships (frozen products in bf16 where the CPU has it natively),
+        "float32" as `--dtype float32`."""
         cfg = hyper(full, pack, steps).model_copy(
-            update={"gradient_checkpointing": checkpointing})
+            update={"gradient_checkpointing": checkpointing, "dtype": dtype})
+        self.held = contextlib.ExitStack()
         examples = prepare_examples(records, "chat", tokenizer, cfg.max_length)
         torch.manual_seed(0)
         model = load_model(DEFAULT_MODEL)
@@ -113,7 +130,11 @@ class OursStepper:
                                     cfg.mask_prompt, pack)
         self.loop_cfg = LoopConfig(
             lr=cfg.learning_rate, max_steps=steps + 1, seed=0,
-            checkpoint_from_positions=checkpoint_from_positions(cfg, cfg.max_length))
+            checkpoint_from_positions=checkpoint_from_positions(cfg, cfg.max_length),
+            bf16_frozen_matmuls=bf16_frozen_matmuls(cfg.dtype, torch.device("cpu")))
+        # What train_loop holds for a whole run; this stepper lives as long as the process.
+        self.bf16_layers = self.held.enter_context(
+            frozen_bf16_matmuls(self.model, self.loop_cfg.bf16_frozen_matmuls))
         self.checkpointed: list[bool] = []
         groups = parameter_groups(self.model, self.loop_cfg)
         self.params = [p for g in groups for p in g["params"]]
@@ -143,15 +164,20 @@ class OursStepper:
         return {"trained_tokens_per_s": sum(self.tokens[1:]) / secs,
                 "positions_per_s": sum(self.positions[1:]) / secs,
                 "steps_timed": len(self.seconds) - 1, "losses": self.losses,
-                "checkpointed_steps": sum(self.checkpointed[1:])}
+                "checkpointed_steps": sum(self.checkpointed[1:]),
+                "bf16_frozen_layers": self.bf16_layers}
 
 
 def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: bool,
              trl_checkpointing: bool = True, ours_checkpointing: bool | None = None,
-             trl_bf16: bool = False) -> dict:
+             float32: bool = False) -> dict:
     """Ours and TRL on the same records and settings; TRL with gradient checkpointing on
-    (its default) or off, ours as it ships (None) or forced on/off."""
-    ours = OursStepper(records, tokenizer, full, pack, steps, ours_checkpointing)
+    (its default) or off, ours as it ships (None) or forced on/off. Precision as each
+    ships (TRL: bf16 autocast; ours: frozen products in bf16, where the CPU has native
+    bf16), or `float32` for both."""
+    ours = OursStepper(records, tokenizer, full, pack, steps, ours_checkpointing,
+                       "float32" if float32 else "auto")
+    trl_bf16 = not float32 and bf16_frozen_matmuls("auto", torch.device("cpu"))
     if not with_trl:
         for _ in range(steps + 1):
             ours.step()
@@ -170,17 +196,23 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
     cfg = hyper(full, pack, steps)
 
     class Interleave(TrainerCallback):
-        """Times each TRL optimizer step (forward → optimizer step), then runs one of ours."""
+        """Times each TRL optimizer step (forward → optimizer step) and runs one of ours
+        beside it: after TRL's on even steps, before it on odd ones (untimed for TRL). The
+        order matters: in an A/A test of three identical arms run in a fixed order, the
+        first of each round ran 14 % slower; alternating gives each side both places."""
 
         def __init__(self):
             self.begin, self.seconds = 0.0, []
 
         def on_step_begin(self, args, state, control, **kw):
+            if len(self.seconds) % 2 == 1:
+                ours.step()
             self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.seconds.append(time.perf_counter() - self.begin)
-            ours.step()
+            if len(self.seconds) % 2 == 1:
+                ours.step()
 
     trained: list[int] = []
 
@@ -219,7 +251,8 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
            "steps_timed": n - 1, "gradient_checkpointing": args.gradient_checkpointing,
            "bf16_autocast": trl_bf16, "optim": str(getattr(args.optim, "value", args.optim)),
            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
-    ours_fig = ours.figures() | {"gradient_checkpointing": ours_checkpointing or "automatic"}
+    ours_fig = ours.figures() | {"gradient_checkpointing": ours_checkpointing or "automatic",
+                                 "dtype": "float32" if float32 else "auto"}
     return {"ours": ours_fig, "trl": trl,
             "speedup_vs_trl": ours_fig["trained_tokens_per_s"] / trl["trained_tokens_per_s"]}
 
@@ -263,7 +296,7 @@ def padding_figures(records, tokenizer) -> dict:
 
 
 def rss_probe(checkpointing: bool, steps: int = 1, dropout: float | None = None,
-              heap_limit: bool = False) -> None:
+              heap_limit: bool = False, bf16: bool = False) -> None:
     """Child process: LoRA on rows of exactly 8 × 512 trained tokens; print peak RSS
     (`dropout`: LoRA dropout instead of the default; `heap_limit`: `limit_heap_growth`)."""
     if heap_limit:
@@ -287,23 +320,26 @@ def rss_probe(checkpointing: bool, steps: int = 1, dropout: float | None = None,
     batch = collate_packed(rows, tokenizer.pad_token_id, tokenizer.eos_token_id, False)
     assert tuple(batch["input_ids"].shape) == (8, 512)
     model.train()
-    for _ in range(steps):
-        (objective.loss_sum(model, batch) / objective.weight(batch)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with frozen_bf16_matmuls(model, bf16):
+        for _ in range(steps):
+            (objective.loss_sum(model, batch) / objective.weight(batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_gib": peak_kib / 2**20, "lora_dropout": cfg.lora_dropout,
-                      "heap_limit": heap_limit}))
+                      "heap_limit": heap_limit, "bf16_frozen_matmuls": bf16}))
 
 
 def peak_rss_lora(checkpointing: bool, dropout: float | None = None,
-                  heap_limit: bool = False) -> dict:
+                  heap_limit: bool = False, bf16: bool = False) -> dict:
     command = [sys.executable, __file__, "--rss-probe", "--threads",
                str(torch.get_num_threads())]
     if dropout is not None:
         command += ["--rss-dropout", str(dropout)]
     if heap_limit:
         command.append("--rss-heap-limit")
+    if bf16:
+        command.append("--rss-bf16")
     proc = subprocess.run(command + (["--rss-checkpointing"] if checkpointing else []),
                           capture_output=True, text=True,
                           env={**os.environ, "EXNIHILO_NO_PROGRESS": "1"})
@@ -316,11 +352,13 @@ def peak_rss_lora(checkpointing: bool, dropout: float | None = None,
 def rss_variants() -> list[dict]:
     """Peak RSS of one LoRA step, each lever alone and together, a subprocess each. The
     last row is today's default (`run_sft`: checkpointing on by itself at 8 × 512, heap
-    limit on, LoRA dropout 0.05)."""
+    limit on, LoRA dropout 0.05, frozen products in bf16 where the CPU has it)."""
     default_gc = wants_checkpointing(hyper(False, False, 1), 512)
     return [peak_rss_lora(False), peak_rss_lora(False, dropout=0.0), peak_rss_lora(True),
             peak_rss_lora(True, dropout=0.0), peak_rss_lora(True, dropout=0.0, heap_limit=True),
-            dict(peak_rss_lora(default_gc, heap_limit=True), default_settings=True)]
+            dict(peak_rss_lora(default_gc, heap_limit=True,
+                               bf16=bf16_frozen_matmuls("auto", torch.device("cpu"))),
+                 default_settings=True)]
 
 
 def main() -> None:
@@ -331,6 +369,7 @@ def main() -> None:
     parser.add_argument("--rss-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-dropout", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-heap-limit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-bf16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-only", action="store_true",
                         help="only the peak-RSS probes (default, dropout 0, checkpointing)")
     parser.add_argument("--no-trl", action="store_true")
@@ -339,14 +378,12 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list of run names, e.g. lora,full")
     parser.add_argument("--dropout-ab", action="store_true",
                         help="only our LoRA step with torch's dropout vs LaneDropout vs none")
-    parser.add_argument("--trl-bf16", action="store_true",
-                        help="TRL as it ships (bf16 autocast on; ours stays float32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_probe:
         rss_probe(args.rss_checkpointing, dropout=args.rss_dropout,
-                  heap_limit=args.rss_heap_limit)
+                  heap_limit=args.rss_heap_limit, bf16=args.rss_bf16)
         return
     if args.rss_only:
         print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
@@ -367,20 +404,28 @@ def main() -> None:
     report: dict = {"model": DEFAULT_MODEL, "records": len(records), "steps": args.steps,
                     "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
                     "padding": padding_figures(records, tokenizer), "runs": {}}
-    # (name, full, pack, TRL's gradient checkpointing, ours: None as shipped, or forced).
-    # TRL's default turns checkpointing on for every step. Ours turns it on for micro-batches
-    # of 2,048 positions or more (`checkpoint_from_positions`), which these short records
-    # never reach; the *_gc rows force it on in both, the *_no_gc rows off in both.
-    plan = [("lora", False, False, True, None), ("full", True, False, True, None),
-            ("lora_packed", False, True, True, None), ("full_packed", True, True, True, None),
-            ("lora_no_gc", False, False, False, False), ("full_no_gc", True, False, False, False),
-            ("lora_gc", False, False, True, True), ("full_gc", True, False, True, True)]
+    # (name, full, pack, TRL's gradient checkpointing, ours: None as shipped or forced,
+    # both float32). TRL's default turns checkpointing on for every step. Ours turns it on
+    # for micro-batches of 2,048 positions or more (`checkpoint_from_positions`), which
+    # these short records never reach. Precision: each as it ships (TRL bf16 autocast, ours
+    # bf16 frozen products) unless the name says fp32 (`--dtype float32` / bf16=False).
+    plan = [("lora", False, False, True, None, False),
+            ("lora_trl_no_gc", False, False, False, None, False),
+            ("lora_gc", False, False, True, True, False),
+            ("lora_fp32", False, False, True, None, True),
+            ("lora_fp32_no_gc", False, False, False, False, True),
+            ("lora_fp32_gc", False, False, True, True, True),
+            ("full", True, False, True, None, False),
+            ("full_no_gc", True, False, False, False, False),
+            ("full_fp32_no_gc", True, False, False, False, True),
+            ("lora_packed", False, True, True, None, False),
+            ("full_packed", True, True, True, None, False)]
     only = {s for s in args.only.split(",") if s}
-    for name, full, pack, trl_gc, ours_gc in plan:
+    for name, full, pack, trl_gc, ours_gc, fp32 in plan:
         if only and name not in only:
             continue
         runs = run_pair(records, tokenizer, full, pack, args.steps, not args.no_trl, trl_gc,
-                        ours_gc, args.trl_bf16)
+                        ours_gc, fp32)
         report["runs"][name] = runs
         print(json.dumps({name: runs}), file=sys.stderr)
     runs = report["runs"]
@@ -391,6 +436,11 @@ def main() -> None:
             # TRL's default is packing=False: ours with --pack against TRL as it ships.
             report[f"{kind}_ours_packed_vs_trl_default"] = (
                 packed["ours"]["trained_tokens_per_s"] / padded["trl"]["trained_tokens_per_s"])
+    lora, full = runs.get("lora", {}).get("ours", {}), runs.get("full", {}).get("ours", {})
+    if "trained_tokens_per_s" in lora and "trained_tokens_per_s" in full:
+        # Run beside different TRL arms, so only roughly side by side; same batches.
+        report["ours_lora_vs_full"] = (lora["trained_tokens_per_s"]
+                                       / full["trained_tokens_per_s"])
     if not args.no_rss:
         report["peak_rss_lora_8x512"] = rss_variants()
     report["load_avg_end"] = os.getloadavg()

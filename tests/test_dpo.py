@@ -271,6 +271,9 @@ def test_ema_anchor_update_rule(smol_tokenizer):
 
 def test_precomputed_reference_is_cached_and_reused(tmp_path, smol_tokenizer, monkeypatch):
     monkeypatch.setenv("EXNIHILO_REF_CACHE", str(tmp_path / "cache"))
+    # Even where the CPU would multiply frozen weights in bf16 for SFT, DPO's policy and its
+    # float32 precomputed reference must agree (bf16 base products made 0.69326 vs log 2).
+    monkeypatch.setenv("EXNIHILO_CPU_BF16", "1")
     common = dict(max_steps=2, lr=1e-2, beta=0.5, val_fraction=0.25)
     run_dpo(config(tmp_path, out="live", **common),
             model_obj=fresh_tiny(len(smol_tokenizer)), tokenizer=smol_tokenizer)

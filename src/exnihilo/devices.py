@@ -13,7 +13,9 @@ Precision (`--dtype auto`, the default): inference loads the weights in bfloat16
 GPU that supports it and in float32 everywhere else (this project's CPU has no native
 bfloat16, and MPS bfloat16 depends on the macOS version). Training keeps float32 master
 weights and runs the forward pass under `torch.autocast(bfloat16)` on such a GPU (mixed
-precision): AdamW updates in bfloat16 weights lose small steps to rounding.
+precision): AdamW updates in bfloat16 weights lose small steps to rounding. On a CPU with
+native bfloat16 it multiplies only the frozen weights (LoRA's base model) in bfloat16
+(`exnihilo.train.frozen_bf16`); `--dtype float32` keeps every product in float32.
 
 Why torch directly and not accelerate: what we need is a device name, `.to(device)` and an
 autocast context, each one line of torch. `accelerate.Accelerator` would take over the
@@ -123,8 +125,7 @@ def supports_bf16(device: torch.device) -> bool:
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from torch's own
-    CPU probes. $EXNIHILO_CPU_BF16=0 turns it off (1 claims it), e.g. to compare runs.
-    Not used for training, whose CPU path stays float32."""
+    CPU probes. $EXNIHILO_CPU_BF16=0 turns it off (1 claims it), e.g. to compare runs."""
     forced = os.environ.get("EXNIHILO_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -164,6 +165,13 @@ def training_dtypes(dtype: str, device: torch.device) -> tuple[str, str | None]:
     if dtype != "auto":
         return dtype, None
     return "float32", ("bfloat16" if supports_bf16(device) else None)
+
+
+def bf16_frozen_matmuls(dtype: str, device: torch.device) -> bool:
+    """Whether training multiplies frozen weights in bfloat16 (the rest float32): under
+    `--dtype auto` on a CPU with native bf16. A LoRA step of SmolLM2-135M ran 1.4–1.5× as fast
+    with its losses within 0.005 of float32 (see `exnihilo.train.frozen_bf16`)."""
+    return dtype == "auto" and device.type == "cpu" and cpu_native_bf16()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from exnihilo.cli.common import (
     input_argument,
     pick_input,
     report_to_option,
+    train_dtype_option,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -89,8 +90,7 @@ def dpo_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
-                              "autocast on a GPU that supports it), float32 or bfloat16."),
+    dtype: str = train_dtype_option(frozen_bf16=False),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
     report_to: list[str] = report_to_option(),
@@ -352,8 +352,7 @@ def reward_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
-                              "autocast on a GPU that supports it), float32 or bfloat16."),
+    dtype: str = train_dtype_option(),
     threads: int | None = typer.Option(None, "--threads"),
     report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),

@@ -15,6 +15,7 @@ from exnihilo.cli.common import (
     input_argument,
     pick_input,
     report_to_option,
+    train_dtype_option,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -87,8 +88,7 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
-                              "autocast on a GPU that supports it), float32 or bfloat16."),
+    dtype: str = train_dtype_option(),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
@@ -176,8 +176,7 @@ def distill_command(
     resume: bool = typer.Option(False, "--resume"),
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
-                              "autocast on a GPU that supports it), float32 or bfloat16."),
+    dtype: str = train_dtype_option(),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     report_to: list[str] = report_to_option(),
     data_option: str = deprecated_option("--data"),

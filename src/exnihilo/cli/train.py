@@ -12,6 +12,7 @@ from exnihilo.cli.common import (
     input_argument,
     pick_input,
     report_to_option,
+    train_dtype_option,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL
@@ -76,8 +77,7 @@ def sft_command(
     seed: int = typer.Option(0, "--seed"),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer "
                                          "steps (the schedule is fitted to N)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 weights, bfloat16 "
-                              "autocast on a GPU that supports it), float32 or bfloat16."),
+    dtype: str = train_dtype_option(),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in backward: much less memory for long batches, about "

@@ -86,6 +86,11 @@ class DPOConfig(TrainConfig):
 
     default_lr_lora: ClassVar[float] = 5e-5
     default_lr_full: ClassVar[float] = 1e-6  # TRL's DPOConfig default
+    # DPO's loss is a margin of policy minus reference log-probs, and a reference computed
+    # apart (precomputed, --ref-model, the full-finetuning copy) is float32: bf16 base
+    # products in the policy alone put rounding into the margin (0.69326 instead of
+    # log 2 = 0.69315 at step 0 on the tiny test model). Float32 until measured otherwise.
+    frozen_bf16_allowed: ClassVar[bool] = False
 
     @field_validator("loss")
     @classmethod

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from exnihilo.train.frozen_bf16 import BF16_WEIGHT
+
 IGNORE_INDEX = -100
 
 # Model types whose CausalLM head is exactly `lm_head(decoder(x))` (plus Gemma 2's final
@@ -144,11 +146,17 @@ class _FusedHeadLogprobSum(torch.autograd.Function):
     replaces the [tokens × vocab] tensors that autograd would keep (or rebuild, when
     checkpointed) by one [rows × vocab] block at a time; backward only scales the stored
     gradients by the incoming scalar. Double backward is not supported (nothing here uses it).
+
+    `weight_bf16`, when given (a frozen head under `frozen_bf16_matmuls`), is used for the
+    hidden state's gradient only: that product of the gradient [rows × vocab] by W is half
+    the head's work, and rounding its operands to bf16 is the rounding every other frozen
+    layer's backward has there. The logits stay float32, so the loss is unchanged.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                cap: float, chunk: int) -> torch.Tensor:
+                cap: float, chunk: int, weight_bf16: torch.Tensor | None = None
+                ) -> torch.Tensor:
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -165,9 +173,10 @@ class _FusedHeadLogprobSum(torch.autograd.Function):
             grad.scatter_add_(1, t, torch.ones_like(t, dtype=grad.dtype))
             if squash is not None:
                 grad.mul_(squash.mul_(squash).neg_().add_(1))  # · (1 − tanh²)
-            grad = grad.to(weight.dtype)
             if grad_h is not None:
-                grad_h[s:s + chunk] = grad @ weight
+                grad_h[s:s + chunk] = (grad @ weight if weight_bf16 is None
+                                       else grad.to(weight_bf16.dtype) @ weight_bf16)
+            grad = grad.to(weight.dtype)
             if grad_w is not None:
                 grad_w.addmm_(grad.T, h)
         ctx.save_for_backward(grad_h, grad_w)
@@ -177,7 +186,7 @@ class _FusedHeadLogprobSum(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None, None)
 
 
 def _fusable_head(base: Any) -> torch.nn.Linear | None:
@@ -203,7 +212,8 @@ def token_logprob_sum(model: Any, batch: Batch) -> torch.Tensor:
         return token_logprobs(model, batch).sum()
     hidden, targets = trained_hidden(model, batch)
     cap = getattr(base.config, "final_logit_softcapping", None) or 0.0
-    return _FusedHeadLogprobSum.apply(hidden, head.weight, targets, float(cap), FUSED_CHUNK)
+    return _FusedHeadLogprobSum.apply(hidden, head.weight, targets, float(cap), FUSED_CHUNK,
+                                      getattr(head, BF16_WEIGHT, None))
 
 
 def example_ids(batch: Batch) -> torch.Tensor:

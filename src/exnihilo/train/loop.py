@@ -48,6 +48,7 @@ from exnihilo import progress as progress_mod
 from exnihilo.devices import autocast, model_device, to_device
 from exnihilo.errors import ExnihiloError
 from exnihilo.records import JsonlAppender, iter_jsonl, write_jsonl_atomic
+from exnihilo.train.frozen_bf16 import frozen_bf16_matmuls
 from exnihilo.train.tracking import open_trackers
 
 Batch = dict[str, torch.Tensor]
@@ -121,6 +122,9 @@ class LoopConfig:
     # Gradient checkpointing (set up on the model beforehand) on only for micro-batches of at
     # least this many positions; None: leave it as the model has it.
     checkpoint_from_positions: int | None = None
+    # Frozen linear layers multiply in bfloat16 on the CPU, the rest float32
+    # (exnihilo.train.frozen_bf16); on where the CPU has native bf16 and dtype is auto.
+    bf16_frozen_matmuls: bool = False
 
 
 @dataclass
@@ -427,7 +431,8 @@ def train_loop(model: torch.nn.Module, objective: Objective,
     batches: Sequence[Any] = []
     planned_epoch = -1
     try:
-        with JsonlAppender(metrics_path) as metrics_log:
+        with JsonlAppender(metrics_path) as metrics_log, \
+                frozen_bf16_matmuls(model, cfg.bf16_frozen_matmuls):
             while state.step < n_steps and state.epoch < cfg.epochs:
                 if planned_epoch != state.epoch:
                     batches, planned_epoch = plan(state.epoch), state.epoch

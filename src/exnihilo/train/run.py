@@ -21,7 +21,12 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from exnihilo.devices import place_model, resolve_device, training_dtypes
+from exnihilo.devices import (
+    bf16_frozen_matmuls,
+    place_model,
+    resolve_device,
+    training_dtypes,
+)
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL, load_model
 from exnihilo.records import source_sha256
@@ -56,7 +61,8 @@ class TrainConfig(BaseModel):
     save_every: int = Field(50, ge=0)
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
-    # auto: float32 weights, with bfloat16 autocast on a GPU that supports it (exnihilo.devices)
+    # auto: float32 weights, with bfloat16 autocast on a GPU that supports it, and frozen
+    # weights multiplied in bfloat16 on a CPU with native bf16 (exnihilo.devices)
     dtype: str = "auto"
     device: str | None = None  # None: the process default (exnihilo --device, else auto)
     # Recompute layer activations in backward. None: automatic for SFT (on from
@@ -72,6 +78,8 @@ class TrainConfig(BaseModel):
     # The method's default rates; subclasses override.
     default_lr_lora: ClassVar[float] = DEFAULT_LR_LORA
     default_lr_full: ClassVar[float] = DEFAULT_LR_FULL
+    # Whether `--dtype auto` may multiply frozen weights in bf16 on a native-bf16 CPU.
+    frozen_bf16_allowed: ClassVar[bool] = True
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -97,7 +105,9 @@ class TrainConfig(BaseModel):
                           save_every=self.save_every, seed=self.seed,
                           lora_plus_ratio=self.lora_plus_ratio,
                           report_to=tuple(self.report_to), run_config=self.model_dump(),
-                          autocast_dtype=training_dtypes(self.dtype, self.torch_device())[1])
+                          autocast_dtype=training_dtypes(self.dtype, self.torch_device())[1],
+                          bf16_frozen_matmuls=self.frozen_bf16_allowed and
+                          bf16_frozen_matmuls(self.dtype, self.torch_device()))
 
 
 def load_for_training(name: str, cfg: TrainConfig) -> Any:
