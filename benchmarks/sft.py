@@ -40,6 +40,9 @@ off: 133.9 vs 85.8, 1.56x. Full finetuning (ours float32, TRL bf16 autocast): 97
 0.92x, and 103.9 vs 112.2 (0.93x) with TRL's checkpointing off -- TRL is faster there;
 both float32 (`--only full_fp32_no_gc`, another run): 70.3 vs 57.5, 1.22x.
 Ours, LoRA vs full on the same batches: 183.7 vs 97.0, 1.89x.
+Our full step under CPU bf16 autocast (`--full-autocast-ab --steps 5`): 159.5 vs 107.9
+tok/s, 1.48x, but losses 2.79/1.99/1.52/1.49/1.51 against float32's 2.64/1.86/1.50/1.41/
+1.40 after steps 1-5, so full finetuning ships float32.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -257,6 +261,29 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
             "speedup_vs_trl": ours_fig["trained_tokens_per_s"] / trl["trained_tokens_per_s"]}
 
 
+def step_alternating(arms: list[OursStepper], steps: int) -> None:
+    """`steps` steps of each arm, in order on even steps and reversed on odd ones: a fixed
+    order was measured to slow the first arm of each round by ~14 % (an A/A test)."""
+    for i in range(steps):
+        for arm in arms if i % 2 == 0 else arms[::-1]:
+            arm.step()
+
+
+def full_autocast_ab(records, tokenizer, steps: int) -> dict:
+    """Our full-finetuning step in float32 (as shipped) against the same step under CPU
+    bf16 autocast (what TRL does on a native-bf16 CPU), on the same batches: speed, and
+    the losses step by step (autocast was faster but learned less per step)."""
+    arms = {name: OursStepper(records, tokenizer, True, False, steps)
+            for name in ("float32", "bf16_autocast")}
+    arms["bf16_autocast"].loop_cfg = replace(arms["bf16_autocast"].loop_cfg,
+                                             autocast_dtype="bfloat16")
+    step_alternating(list(arms.values()), steps + 1)
+    figures = {name: arm.figures() for name, arm in arms.items()}
+    return figures | {"bf16_autocast_vs_float32":
+                      figures["bf16_autocast"]["trained_tokens_per_s"]
+                      / figures["float32"]["trained_tokens_per_s"]}
+
+
 def dropout_ab(records, tokenizer, steps: int) -> dict:
     """Our LoRA step with peft's own `nn.Dropout` against `LaneDropout` (what `add_lora`
     installs), and with no dropout at all (the ceiling), interleaved step by step on the same
@@ -273,9 +300,7 @@ def dropout_ab(records, tokenizer, steps: int) -> dict:
         if isinstance(module, LoraLayer):
             for key in module.lora_dropout:
                 module.lora_dropout[key] = torch.nn.Identity()
-    for _ in range(steps + 1):
-        for arm in arms.values():
-            arm.step()
+    step_alternating(list(arms.values()), steps + 1)
     figures = {name: arm.figures() for name, arm in arms.items()}
     base = figures["torch_dropout"]["trained_tokens_per_s"]
     return figures | {f"{name}_vs_torch_dropout": figures[name]["trained_tokens_per_s"] / base
@@ -378,6 +403,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list of run names, e.g. lora,full")
     parser.add_argument("--dropout-ab", action="store_true",
                         help="only our LoRA step with torch's dropout vs LaneDropout vs none")
+    parser.add_argument("--full-autocast-ab", action="store_true",
+                        help="only our full-finetuning step, float32 vs CPU bf16 autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,6 +422,12 @@ def main() -> None:
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     records = load_data(args.records)
     started = time.perf_counter()
+    if args.full_autocast_ab:
+        print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+                          "steps": args.steps,
+                          "full": full_autocast_ab(records, tokenizer, args.steps),
+                          "load_avg_end": os.getloadavg()}, indent=2))
+        return
     if args.dropout_ab:
         print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
                           "steps": args.steps,
