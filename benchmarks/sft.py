@@ -422,18 +422,14 @@ def main() -> None:
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     records = load_data(args.records)
     started = time.perf_counter()
-    if args.full_autocast_ab:
-        print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-                          "steps": args.steps,
-                          "full": full_autocast_ab(records, tokenizer, args.steps),
-                          "load_avg_end": os.getloadavg()}, indent=2))
-        return
-    if args.dropout_ab:
-        print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-                          "steps": args.steps,
-                          "lora_dropout": dropout_ab(records, tokenizer, args.steps),
-                          "load_avg_end": os.getloadavg()}, indent=2))
-        return
+    ab_modes = {"full": (args.full_autocast_ab, full_autocast_ab),
+                "lora_dropout": (args.dropout_ab, dropout_ab)}
+    for key, (wanted, measure) in ab_modes.items():
+        if wanted:
+            print(json.dumps({"threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+                              "steps": args.steps, key: measure(records, tokenizer, args.steps),
+                              "load_avg_end": os.getloadavg()}, indent=2))
+            return
     report: dict = {"model": DEFAULT_MODEL, "records": len(records), "steps": args.steps,
                     "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
                     "padding": padding_figures(records, tokenizer), "runs": {}}
