@@ -61,13 +61,12 @@ from pathlib import Path
 
 import torch
 
-from exnihilo.devices import bf16_frozen_matmuls
+from exnihilo.devices import wants_frozen_bf16
 from exnihilo.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from exnihilo.train.collate import BatchPlan, collate_packed, padding_waste, shifted_length
 from exnihilo.train.data import prepare_examples
 from exnihilo.train.frozen_bf16 import frozen_bf16_matmuls
 from exnihilo.train.loop import (
-    LoopConfig,
     make_optimizer,
     make_scheduler,
     optimizer_step,
@@ -132,10 +131,8 @@ class OursStepper:
         self.model_checkpointing = wants_checkpointing(cfg, cfg.max_length)
         self.collate = make_collate(tokenizer.pad_token_id, tokenizer.eos_token_id,
                                     cfg.mask_prompt, pack)
-        self.loop_cfg = LoopConfig(
-            lr=cfg.learning_rate, max_steps=steps + 1, seed=0,
-            checkpoint_from_positions=checkpoint_from_positions(cfg, cfg.max_length),
-            bf16_frozen_matmuls=bf16_frozen_matmuls(cfg.dtype, torch.device("cpu")))
+        self.loop_cfg = replace(cfg.loop_config(), checkpoint_from_positions=(
+            checkpoint_from_positions(cfg, cfg.max_length)))  # what run_sft passes
         # What train_loop holds for a whole run; this stepper lives as long as the process.
         self.bf16_layers = self.held.enter_context(
             frozen_bf16_matmuls(self.model, self.loop_cfg.bf16_frozen_matmuls))
@@ -181,7 +178,7 @@ def run_pair(records, tokenizer, full: bool, pack: bool, steps: int, with_trl: b
     bf16), or `float32` for both."""
     ours = OursStepper(records, tokenizer, full, pack, steps, ours_checkpointing,
                        "float32" if float32 else "auto")
-    trl_bf16 = not float32 and bf16_frozen_matmuls("auto", torch.device("cpu"))
+    trl_bf16 = not float32 and wants_frozen_bf16("auto", torch.device("cpu"))
     if not with_trl:
         for _ in range(steps + 1):
             ours.step()
@@ -382,7 +379,7 @@ def rss_variants() -> list[dict]:
     return [peak_rss_lora(False), peak_rss_lora(False, dropout=0.0), peak_rss_lora(True),
             peak_rss_lora(True, dropout=0.0), peak_rss_lora(True, dropout=0.0, heap_limit=True),
             dict(peak_rss_lora(default_gc, heap_limit=True,
-                               bf16=bf16_frozen_matmuls("auto", torch.device("cpu"))),
+                               bf16=wants_frozen_bf16("auto", torch.device("cpu"))),
                  default_settings=True)]
 
 

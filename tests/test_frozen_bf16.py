@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama_config
-from exnihilo.devices import bf16_frozen_matmuls
+from exnihilo.devices import wants_frozen_bf16
 from exnihilo.train.frozen_bf16 import bf16_product, frozen_bf16_matmuls, frozen_linears
 from exnihilo.train.run import TrainConfig, add_lora
 
@@ -123,7 +123,7 @@ def test_lora_gradients_follow_float32(smol_tokenizer):
 def test_training_turns_it_on_under_dtype_auto_on_a_bf16_cpu(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("EXNIHILO_CPU_BF16", "1")
-    assert bf16_frozen_matmuls("auto", cpu)
+    assert wants_frozen_bf16("auto", cpu)
     assert TrainConfig(out="x", device="cpu").loop_config().bf16_frozen_matmuls
     assert not TrainConfig(out="x", device="cpu", dtype="float32").loop_config(
     ).bf16_frozen_matmuls  # --dtype float32: every product in float32

@@ -22,10 +22,10 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from exnihilo.devices import (
-    bf16_frozen_matmuls,
     place_model,
     resolve_device,
     training_dtypes,
+    wants_frozen_bf16,
 )
 from exnihilo.errors import ExnihiloError
 from exnihilo.models import DEFAULT_MODEL, load_model
@@ -107,7 +107,7 @@ class TrainConfig(BaseModel):
                           report_to=tuple(self.report_to), run_config=self.model_dump(),
                           autocast_dtype=training_dtypes(self.dtype, self.torch_device())[1],
                           bf16_frozen_matmuls=self.frozen_bf16_allowed and
-                          bf16_frozen_matmuls(self.dtype, self.torch_device()))
+                          wants_frozen_bf16(self.dtype, self.torch_device()))
 
 
 def load_for_training(name: str, cfg: TrainConfig) -> Any:
